@@ -1,0 +1,402 @@
+"""The BERT family in Flax NNX: embeddings, post-LN encoder, pooler and task heads.
+
+One ``BertModel`` class covers all 24 compact BERTs of Turc et al. (2019), Base and Large, and any
+odd shape a checkpoint brings. Design choices, and why:
+
+- **Parameters only in the state.** Dropout modules hold no RNG; the caller passes ``rngs`` with a
+  ``dropout`` stream when training, so ``nnx.split(model)`` yields a pure parameter tree that jitted
+  step functions can take, shard and donate.
+- **Logical axis names on every parameter** (``vocab``, ``embed``, ``heads``, ``mlp``; ``None`` for
+  small or square matrices), stored as ``out_sharding`` metadata. Mesh rules that map them to
+  ``data`` / ``fsdp`` / ``tensor`` live in the training config, not here. Attention kernels keep
+  the checkpoint layout ``[hidden, heads * head_dim]`` (axis ``heads``) so import needs no reshape.
+- **Separate compute and parameter dtypes.** Matmuls run in ``config.dtype`` (bf16 on
+  accelerators); parameters, LayerNorm statistics, the attention softmax and every head's
+  logits stay in float32.
+- **Masked-LM logits only where asked.** Given ``masked_positions`` [B, P] the MLM head gathers
+  those positions first (Google's ``gather_indexes``), so the vocabulary projection costs P rather
+  than S rows: for BERT-Tiny at S=128, P=20 this is most of the training FLOPs.
+"""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bert_mini import config_lib
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (HF "gelu")
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # Google's BERT code, HF "gelu_new"
+    "relu": jax.nn.relu,
+}
+
+# What each public ``head`` choice builds. Classification and regression share one dense layer;
+# they differ only in ``num_labels`` (1 for regression) and in the loss.
+HEAD_CHOICES: dict[str | None, tuple[str, ...]] = {
+    None: (),
+    "mlm": ("mlm",),
+    "pretraining": ("mlm", "nsp"),
+    "classification": ("classifier",),
+    "regression": ("classifier",),
+    "span": ("span",),
+}
+
+_MASK_VALUE = -1e9  # large negative added to attention scores of padding keys (fp32)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Every field of Google's ``bert_config.json`` and HF's ``config.json``, plus dtypes.
+
+    ``hidden_act`` names the exact function: ``gelu`` is the erf form, ``gelu_tanh`` the tanh
+    approximation that Google's TF code computes (even though its configs say ``gelu``).
+    ``dtype`` is the compute dtype; ``param_dtype`` the storage dtype of parameters.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown hidden_act {self.hidden_act!r}; choose one of {sorted(ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        for field in ("dtype", "param_dtype"):
+            name = getattr(self, field)
+            if name not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{field} must be float32, bfloat16 or float16, not {name!r}")
+
+    @classmethod
+    def from_variant(cls, variant: str, **overrides: Any) -> "BertConfig":
+        """A config for a size-table entry (``mini``, ``L-4_H-256``, ``uncased_L-4_H-256_A-4``)."""
+        return cls(**{**config_lib.variant_dims(variant), **overrides})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "BertConfig":
+        """Builds a config from known keys; an unknown key is an error naming it and ``source``."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown BertConfig key(s) {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@flax.struct.dataclass
+class BertOutput:
+    """What a forward pass returns; head fields are ``None`` when the model lacks that head.
+
+    ``mlm_logits`` is [B, P, V] at the given masked positions, or [B, S, V] when none are given.
+    ``logits`` is [B, num_labels] (classification; [B, 1] for regression).
+    """
+
+    sequence_output: jax.Array
+    pooled_output: jax.Array
+    mlm_logits: jax.Array | None = None
+    nsp_logits: jax.Array | None = None
+    logits: jax.Array | None = None
+    start_logits: jax.Array | None = None
+    end_logits: jax.Array | None = None
+
+
+def _init(config: BertConfig) -> nnx.Initializer:
+    """BERT's initializer: a normal truncated at two standard deviations."""
+    return nnx.initializers.truncated_normal(stddev=config.initializer_range)
+
+
+def _axes(*names: str | None) -> dict[str, Any]:
+    """Logical axis metadata; eager sharding off so a model can be built without a mesh."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _dense(
+    config: BertConfig,
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=_init(config),
+        kernel_metadata=_axes(*axes),
+        bias_metadata=_axes(axes[1]),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        use_fast_variance=False,  # two-pass variance, as the reference implementations
+        scale_metadata=_axes("embed"),
+        bias_metadata=_axes("embed"),
+        rngs=rngs,
+    )
+
+
+def _embed(config: BertConfig, rows: int, axis: str | None, rngs: nnx.Rngs) -> nnx.Embed:
+    return nnx.Embed(
+        rows,
+        config.hidden_size,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        embedding_init=_init(config),
+        embedding_metadata=_axes(axis, "embed"),
+        rngs=rngs,
+    )
+
+
+class Embeddings(nnx.Module):
+    """Word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+        self.max_positions = config.max_position_embeddings
+        self.word_embeddings = _embed(config, config.vocab_size, "vocab", rngs)
+        self.position_embeddings = _embed(config, config.max_position_embeddings, None, rngs)
+        self.token_type_embeddings = _embed(config, config.type_vocab_size, None, rngs)
+        self.layer_norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(
+        self,
+        input_ids_BxS: jax.Array,
+        token_type_ids_BxS: jax.Array,
+        deterministic: bool,
+        rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        seq_len = input_ids_BxS.shape[1]
+        if seq_len > self.max_positions:
+            raise ValueError(
+                f"input length {seq_len} exceeds max_position_embeddings {self.max_positions}"
+            )
+        positions_S = jnp.arange(seq_len)
+        embedded_BxSxH = (
+            self.word_embeddings(input_ids_BxS)
+            + self.position_embeddings(positions_S)[None]
+            + self.token_type_embeddings(token_type_ids_BxS)
+        )
+        embedded_BxSxH = self.layer_norm(embedded_BxSxH)
+        return self.dropout(embedded_BxSxH, deterministic=deterministic, rngs=rngs)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with a padding mask, output projection, residual and LayerNorm."""
+
+    def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = _dense(config, hidden, hidden, ("embed", "heads"), rngs)
+        self.key = _dense(config, hidden, hidden, ("embed", "heads"), rngs)
+        self.value = _dense(config, hidden, hidden, ("embed", "heads"), rngs)
+        self.output = _dense(config, hidden, hidden, ("heads", "embed"), rngs)
+        self.layer_norm = _layer_norm(config, rngs)
+        self.attention_dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+        self.output_dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(
+        self,
+        hidden_BxSxH: jax.Array,
+        key_mask_Bx1x1xS: jax.Array,
+        deterministic: bool,
+        rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        batch, seq_len, hidden = hidden_BxSxH.shape
+        split = (batch, seq_len, self.num_heads, self.head_dim)
+        # Scale the queries rather than the S x S scores: same result, fewer multiplies.
+        query_BxSxNxD = self.query(hidden_BxSxH).reshape(split) / math.sqrt(self.head_dim)
+        key_BxSxNxD = self.key(hidden_BxSxH).reshape(split)
+        value_BxSxNxD = self.value(hidden_BxSxH).reshape(split)
+        scores_BxNxSxS = jnp.einsum("bqnd,bknd->bnqk", query_BxSxNxD, key_BxSxNxD)
+        scores_BxNxSxS = jnp.where(key_mask_Bx1x1xS, scores_BxNxSxS.astype(jnp.float32), _MASK_VALUE)
+        probs_BxNxSxS = jax.nn.softmax(scores_BxNxSxS, axis=-1).astype(value_BxSxNxD.dtype)
+        probs_BxNxSxS = self.attention_dropout(probs_BxNxSxS, deterministic=deterministic, rngs=rngs)
+        context_BxSxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxSxS, value_BxSxNxD)
+        attended_BxSxH = self.output(context_BxSxNxD.reshape(batch, seq_len, hidden))
+        attended_BxSxH = self.output_dropout(attended_BxSxH, deterministic=deterministic, rngs=rngs)
+        return self.layer_norm(hidden_BxSxH + attended_BxSxH)
+
+
+class TransformerLayer(nnx.Module):
+    """One post-LN encoder layer: attention block, then feed-forward block."""
+
+    def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+        hidden, ffn = config.hidden_size, config.intermediate_size
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.attention = SelfAttention(config, rngs)
+        self.intermediate = _dense(config, hidden, ffn, ("embed", "mlp"), rngs)
+        self.output = _dense(config, ffn, hidden, ("mlp", "embed"), rngs)
+        self.output_layer_norm = _layer_norm(config, rngs)
+        self.output_dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(
+        self,
+        hidden_BxSxH: jax.Array,
+        key_mask_Bx1x1xS: jax.Array,
+        deterministic: bool,
+        rngs: nnx.Rngs | None,
+    ) -> jax.Array:
+        attended_BxSxH = self.attention(hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs)
+        ffn_BxSxF = self.activation(self.intermediate(attended_BxSxH))
+        ffn_BxSxH = self.output_dropout(self.output(ffn_BxSxF), deterministic=deterministic, rngs=rngs)
+        return self.output_layer_norm(attended_BxSxH + ffn_BxSxH)
+
+
+class MaskedLMHead(nnx.Module):
+    """Transform (dense + activation + LayerNorm), then the tied word-embedding decoder + bias."""
+
+    def __init__(self, config: BertConfig, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.transform = _dense(config, hidden, hidden, ("embed", None), rngs)
+        self.layer_norm = _layer_norm(config, rngs)
+        self.bias = nnx.Param(
+            jnp.zeros((config.vocab_size,), jnp.dtype(config.param_dtype)), **_axes("vocab")
+        )
+
+    def __call__(self, hidden_BxPxH: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+        transformed_BxPxH = self.layer_norm(self.activation(self.transform(hidden_BxPxH)))
+        logits_BxPxV = word_embeddings.attend(transformed_BxPxH).astype(jnp.float32)
+        return logits_BxPxV + self.bias[...].astype(jnp.float32)
+
+
+def gather_positions(sequence_BxSxH: jax.Array, positions_BxP: jax.Array) -> jax.Array:
+    """The hidden states at ``positions`` of each row (Google's ``gather_indexes``)."""
+    return jnp.take_along_axis(sequence_BxSxH, positions_BxP[..., None].astype(jnp.int32), axis=1)
+
+
+class BertModel(nnx.Module):
+    """BERT encoder + tanh pooler + the heads chosen by ``head`` (see ``HEAD_CHOICES``).
+
+    Call with ``input_ids`` [B, S] (and optionally ``token_type_ids``, ``attention_mask`` with 1
+    for real tokens, ``masked_positions`` [B, P] for the MLM head). Pass ``deterministic=False``
+    and ``rngs=nnx.Rngs(dropout=key)`` to train with dropout.
+    """
+
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        head: str | None = None,
+        num_labels: int = 2,
+        rngs: nnx.Rngs,
+    ):
+        if head not in HEAD_CHOICES:
+            raise ValueError(f"unknown head {head!r}; choose one of {list(HEAD_CHOICES)}")
+        if head == "regression":
+            num_labels = 1
+        self.config = config
+        self.head = head
+        self.num_labels = num_labels
+        self.heads = HEAD_CHOICES[head]
+        hidden = config.hidden_size
+        self.embeddings = Embeddings(config, rngs)
+        self.layers = nnx.List(TransformerLayer(config, rngs) for _ in range(config.num_hidden_layers))
+        self.pooler = _dense(config, hidden, hidden, ("embed", None), rngs)
+        self.mlm_head = MaskedLMHead(config, rngs) if "mlm" in self.heads else None
+        self.nsp_head = _dense(config, hidden, 2, ("embed", None), rngs) if "nsp" in self.heads else None
+        self.classifier = (
+            _dense(config, hidden, num_labels, ("embed", None), rngs)
+            if "classifier" in self.heads
+            else None
+        )
+        self.span_head = _dense(config, hidden, 2, ("embed", None), rngs) if "span" in self.heads else None
+        self.classifier_dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        masked_positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> BertOutput:
+        input_ids_BxS = jnp.asarray(input_ids)
+        if input_ids_BxS.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {input_ids_BxS.shape}")
+        token_type_ids_BxS = (
+            jnp.zeros_like(input_ids_BxS) if token_type_ids is None else jnp.asarray(token_type_ids)
+        )
+        mask_BxS = (
+            jnp.ones_like(input_ids_BxS) if attention_mask is None else jnp.asarray(attention_mask)
+        )
+        for name, array in (("token_type_ids", token_type_ids_BxS), ("attention_mask", mask_BxS)):
+            if array.shape != input_ids_BxS.shape:
+                raise ValueError(
+                    f"{name} has shape {array.shape}, input_ids has {input_ids_BxS.shape}"
+                )
+        key_mask_Bx1x1xS = (mask_BxS > 0)[:, None, None, :]
+
+        hidden_BxSxH = self.embeddings(input_ids_BxS, token_type_ids_BxS, deterministic, rngs)
+        for layer in self.layers:
+            hidden_BxSxH = layer(hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs)
+        pooled_BxH = jnp.tanh(self.pooler(hidden_BxSxH[:, 0]))
+
+        outputs: dict[str, jax.Array] = {}
+        if self.mlm_head is not None:
+            at_masks = (
+                hidden_BxSxH
+                if masked_positions is None
+                else gather_positions(hidden_BxSxH, jnp.asarray(masked_positions))
+            )
+            outputs["mlm_logits"] = self.mlm_head(at_masks, self.embeddings.word_embeddings)
+        if self.nsp_head is not None:
+            outputs["nsp_logits"] = self.nsp_head(pooled_BxH).astype(jnp.float32)
+        if self.classifier is not None:
+            dropped_BxH = self.classifier_dropout(pooled_BxH, deterministic=deterministic, rngs=rngs)
+            outputs["logits"] = self.classifier(dropped_BxH).astype(jnp.float32)
+        if self.span_head is not None:
+            span_BxSx2 = self.span_head(hidden_BxSxH).astype(jnp.float32)
+            outputs["start_logits"] = span_BxSx2[..., 0]
+            outputs["end_logits"] = span_BxSx2[..., 1]
+        return BertOutput(sequence_output=hidden_BxSxH, pooled_output=pooled_BxH, **outputs)
+
+
+def create_model(
+    config: BertConfig, head: str | None = None, num_labels: int = 2, seed: int = 0
+) -> BertModel:
+    """A randomly initialised model (BERT's truncated-normal init)."""
+    return BertModel(config, head=head, num_labels=num_labels, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(model: BertModel) -> int:
+    """The number of parameter scalars (works on ``nnx.eval_shape`` models too)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))

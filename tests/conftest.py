@@ -1,0 +1,47 @@
+"""Shared test setup: 8 fake CPU devices (set before JAX starts) and the shared data folder.
+
+Every test run sees 8 devices, so sharded code paths are exercised on a laptop CPU. Tests that
+need real data use the ``data_dir`` fixture: it fails (never skips) with a message naming the
+folder when ``../shared/data`` is missing, so a CI run cannot pass without having read it.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from bert_mini.paths import shared_data_dir  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    """The shared data folder (``BERT_MINI_DATA`` or ``../shared/data``); fails if absent."""
+    path = shared_data_dir()
+    if not (path / "SOURCES.md").is_file():
+        pytest.fail(
+            f"shared data not found at {path} (expected {path / 'SOURCES.md'}); "
+            "set BERT_MINI_DATA to the folder that holds glue/, imdb/, checkpoints/ and vocab/",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def vocab_path(data_dir: pathlib.Path) -> pathlib.Path:
+    return data_dir / "vocab" / "bert-base-uncased-vocab.txt"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(data_dir: pathlib.Path) -> pathlib.Path:
+    return data_dir / "checkpoints" / "all-minilm-l6-v2"
