@@ -612,11 +612,6 @@ def load_pretrained(
     path = pathlib.Path(path)
     source = read_checkpoint(path)
     tokenizer = BertTokenizer.from_pretrained(_tokenizer_dir(path))
-    if tokenizer.vocab_size > source.config.vocab_size:
-        raise CheckpointError(
-            f"{tokenizer.vocab_path}: {tokenizer.vocab_size} tokens, but {source.config_path} "
-            f"has vocab_size {source.config.vocab_size} (word embeddings too small)"
-        )
     model, report = build_model(
         source,
         head,
@@ -627,6 +622,11 @@ def load_pretrained(
         param_dtype=param_dtype,
         seed=seed,
     )
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer.vocab_path}: {tokenizer.vocab_size} tokens, but {source.config_path} "
+            f"has vocab_size {source.config.vocab_size} (word embeddings too small)"
+        )
     for line in report.lines():
         logging.info(line)
     if report.new_groups:

@@ -323,8 +323,9 @@ class BertModel(nnx.Module):
             num_labels = 1
         self.config = config
         self.head = head
-        self.num_labels = num_labels
         self.heads = HEAD_CHOICES[head]
+        # Only a classifier has labels; None elsewhere so a round trip compares equal.
+        self.num_labels = num_labels if "classifier" in self.heads else None
         hidden = config.hidden_size
         self.embeddings = Embeddings(config, rngs)
         self.layers = nnx.List(TransformerLayer(config, rngs) for _ in range(config.num_hidden_layers))
