@@ -488,7 +488,7 @@ class LoadReport:
 def _auto_head(source: SourceCheckpoint) -> str | None:
     """The head a converter should keep: everything the source has."""
     present = set(source.groups_present())
-    if source.head_hint in HEAD_CHOICES:
+    if source.head_hint is not None:
         return source.head_hint
     if {"mlm", "nsp"} <= present:
         return "pretraining"
