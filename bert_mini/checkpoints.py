@@ -152,11 +152,19 @@ def tensor_rules(num_layers: int, groups: tuple[str, ...]) -> list[TensorRule]:
             "encoder",
         )
         rules += _linear_rules(
-            f"{ours}/intermediate", f"{hf}.intermediate.dense", f"{tf}/intermediate/dense", "encoder"
+            f"{ours}/intermediate",
+            f"{hf}.intermediate.dense",
+            f"{tf}/intermediate/dense",
+            "encoder",
         )
-        rules += _linear_rules(f"{ours}/output", f"{hf}.output.dense", f"{tf}/output/dense", "encoder")
+        rules += _linear_rules(
+            f"{ours}/output", f"{hf}.output.dense", f"{tf}/output/dense", "encoder"
+        )
         rules += _layer_norm_rules(
-            f"{ours}/output_layer_norm", f"{hf}.output.LayerNorm", f"{tf}/output/LayerNorm", "encoder"
+            f"{ours}/output_layer_norm",
+            f"{hf}.output.LayerNorm",
+            f"{tf}/output/LayerNorm",
+            "encoder",
         )
     rules += _linear_rules("pooler", "pooler.dense", "bert/pooler/dense", "pooler")
     if "mlm" in groups:
@@ -173,10 +181,18 @@ def tensor_rules(num_layers: int, groups: tuple[str, ...]) -> list[TensorRule]:
             "mlm",
         )
         rules.append(
-            TensorRule("mlm_head/bias", "cls.predictions.bias", "cls/predictions/output_bias", "same", "mlm")
+            TensorRule(
+                "mlm_head/bias",
+                "cls.predictions.bias",
+                "cls/predictions/output_bias",
+                "same",
+                "mlm",
+            )
         )
     if "nsp" in groups:
-        rules += _output_weights_rules("nsp_head", "cls.seq_relationship", "cls/seq_relationship/", "nsp")
+        rules += _output_weights_rules(
+            "nsp_head", "cls.seq_relationship", "cls/seq_relationship/", "nsp"
+        )
     if "classifier" in groups:
         rules += _output_weights_rules("classifier", "classifier", "", "classifier")
     if "span" in groups:
@@ -240,9 +256,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
 
 def _activation(name: Any, table: Mapping[str, str], path: pathlib.Path) -> str:
     if name not in table:
-        raise CheckpointError(
-            f"{path}: unknown hidden_act {name!r}; supported: {sorted(table)}"
-        )
+        raise CheckpointError(f"{path}: unknown hidden_act {name!r}; supported: {sorted(table)}")
     return table[name]
 
 
@@ -260,7 +274,9 @@ _ARCH_KEYS = (
 )
 
 
-def _config_from_values(values: Mapping[str, Any], path: pathlib.Path, hidden_act: str) -> BertConfig:
+def _config_from_values(
+    values: Mapping[str, Any], path: pathlib.Path, hidden_act: str
+) -> BertConfig:
     missing = [key for key in _ARCH_KEYS[:5] if key not in values]
     if missing:
         raise CheckpointError(f"{path}: missing key(s) {missing}")
@@ -301,11 +317,15 @@ def hf_config(path: pathlib.Path) -> tuple[BertConfig, str | None]:
 def google_config(path: pathlib.Path) -> BertConfig:
     """BertConfig from Google's ``bert_config.json``; ``gelu`` there means the tanh form."""
     values = _read_json(path)
-    unknown = sorted(set(values) - set(_ARCH_KEYS) - _GOOGLE_KNOWN_EXTRAS - {"hidden_act", "layer_norm_eps"})
+    unknown = sorted(
+        set(values) - set(_ARCH_KEYS) - _GOOGLE_KNOWN_EXTRAS - {"hidden_act", "layer_norm_eps"}
+    )
     if unknown:
         raise CheckpointError(f"{path}: unknown key(s) {unknown} for a BERT config")
     if "bert_mini_hidden_act" in values:
-        act = _activation(values["bert_mini_hidden_act"], {k: k for k in ("gelu", "gelu_tanh", "relu")}, path)
+        act = _activation(
+            values["bert_mini_hidden_act"], {k: k for k in ("gelu", "gelu_tanh", "relu")}, path
+        )
     else:
         act = _activation(values.get("hidden_act", "gelu"), _GOOGLE_ACT_TO_OURS, path)
     return _config_from_values(values, path, act)
@@ -362,7 +382,8 @@ def _normalise_hf_tensors(
         bias = out.setdefault("cls.predictions.bias", decoder_bias)
         if not np.array_equal(bias, decoder_bias):
             raise CheckpointError(
-                f"{weights_path}: 'cls.predictions.decoder.bias' differs from 'cls.predictions.bias'"
+                f"{weights_path}: 'cls.predictions.decoder.bias' differs from "
+                "'cls.predictions.bias'"
             )
         skipped.append("cls.predictions.decoder.bias")
     return out, skipped
@@ -416,7 +437,9 @@ def _read_bert_mini(directory: pathlib.Path) -> SourceCheckpoint:
     marker = directory / BERT_MINI_MARKER
     meta = _read_json(marker)
     if meta.get("format_version") != BERT_MINI_FORMAT_VERSION:
-        raise CheckpointError(f"{marker}: unsupported format_version {meta.get('format_version')!r}")
+        raise CheckpointError(
+            f"{marker}: unsupported format_version {meta.get('format_version')!r}"
+        )
     try:
         config = BertConfig.from_dict(meta["config"], source=str(marker))
     except KeyError:
@@ -455,7 +478,9 @@ def read_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
         config, hint = hf_config(path / "config.json")
         weights_path, raw = _read_hf_weights(path)
         tensors, skipped = _normalise_hf_tensors(raw, weights_path)
-        return SourceCheckpoint("hf", weights_path, path / "config.json", config, tensors, hint, skipped)
+        return SourceCheckpoint(
+            "hf", weights_path, path / "config.json", config, tensors, hint, skipped
+        )
     prefix = _tf_checkpoint_prefix(path)
     assert prefix is not None
     return _read_tf(prefix)
@@ -514,7 +539,8 @@ def _num_labels(source: SourceCheckpoint, head: str | None, requested: int | Non
     expected = 1 if head == "regression" else requested
     if expected is not None and expected != found:
         raise CheckpointError(
-            f"{source.weights_path}: tensor {name!r} has {found} labels, but {expected} were asked for"
+            f"{source.weights_path}: tensor {name!r} has {found} labels, "
+            f"but {expected} were asked for"
         )
     return found
 
@@ -574,7 +600,11 @@ def build_model(
         if group != "encoder" and whole_group_missing and new_head:
             report.new_groups.append(group)
             continue
-        hint = "; pass new_head=True to create it fresh" if group != "encoder" and whole_group_missing else ""
+        hint = (
+            "; pass new_head=True to create it fresh"
+            if group != "encoder" and whole_group_missing
+            else ""
+        )
         raise CheckpointError(f"{where}: missing {group} tensor(s) {_shorten(names)}{hint}")
 
     unused = sorted(set(source.tensors) - used)
@@ -740,7 +770,9 @@ def _save_hf(model: BertModel, directory: pathlib.Path) -> None:
     from safetensors.numpy import save_file
 
     _write_json(directory / "config.json", hf_config_dict(model))
-    save_file(model_tensors(model, "hf"), directory / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        model_tensors(model, "hf"), directory / "model.safetensors", metadata={"format": "pt"}
+    )
 
 
 def _save_tf(model: BertModel, directory: pathlib.Path) -> None:
@@ -771,7 +803,9 @@ def _save_bert_mini(model: BertModel, directory: pathlib.Path) -> None:
         "config": model.config.to_dict(),
     }
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((directory / "params").resolve(), _unflatten(model_tensors(model, "bert_mini")))
+    checkpointer.save(
+        (directory / "params").resolve(), _unflatten(model_tensors(model, "bert_mini"))
+    )
     checkpointer.wait_until_finished()
     _write_json(directory / BERT_MINI_MARKER, meta)
 

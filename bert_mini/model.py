@@ -244,9 +244,13 @@ class SelfAttention(nnx.Module):
         key_BxSxNxD = self.key(hidden_BxSxH).reshape(split)
         value_BxSxNxD = self.value(hidden_BxSxH).reshape(split)
         scores_BxNxSxS = jnp.einsum("bqnd,bknd->bnqk", query_BxSxNxD, key_BxSxNxD)
-        scores_BxNxSxS = jnp.where(key_mask_Bx1x1xS, scores_BxNxSxS.astype(jnp.float32), _MASK_VALUE)
+        scores_BxNxSxS = jnp.where(
+            key_mask_Bx1x1xS, scores_BxNxSxS.astype(jnp.float32), _MASK_VALUE
+        )
         probs_BxNxSxS = jax.nn.softmax(scores_BxNxSxS, axis=-1).astype(value_BxSxNxD.dtype)
-        probs_BxNxSxS = self.attention_dropout(probs_BxNxSxS, deterministic=deterministic, rngs=rngs)
+        probs_BxNxSxS = self.attention_dropout(
+            probs_BxNxSxS, deterministic=deterministic, rngs=rngs
+        )
         context_BxSxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxSxS, value_BxSxNxD)
         attended_BxSxH = self.output(context_BxSxNxD.reshape(batch, seq_len, hidden))
         attended_BxSxH = self.output_dropout(attended_BxSxH, deterministic=deterministic, rngs=rngs)
@@ -274,7 +278,9 @@ class TransformerLayer(nnx.Module):
     ) -> jax.Array:
         attended_BxSxH = self.attention(hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs)
         ffn_BxSxF = self.activation(self.intermediate(attended_BxSxH))
-        ffn_BxSxH = self.output_dropout(self.output(ffn_BxSxF), deterministic=deterministic, rngs=rngs)
+        ffn_BxSxH = self.output_dropout(
+            self.output(ffn_BxSxF), deterministic=deterministic, rngs=rngs
+        )
         return self.output_layer_norm(attended_BxSxH + ffn_BxSxH)
 
 
@@ -328,16 +334,22 @@ class BertModel(nnx.Module):
         self.num_labels = num_labels if "classifier" in self.heads else None
         hidden = config.hidden_size
         self.embeddings = Embeddings(config, rngs)
-        self.layers = nnx.List(TransformerLayer(config, rngs) for _ in range(config.num_hidden_layers))
+        self.layers = nnx.List(
+            TransformerLayer(config, rngs) for _ in range(config.num_hidden_layers)
+        )
         self.pooler = _dense(config, hidden, hidden, ("embed", None), rngs)
         self.mlm_head = MaskedLMHead(config, rngs) if "mlm" in self.heads else None
-        self.nsp_head = _dense(config, hidden, 2, ("embed", None), rngs) if "nsp" in self.heads else None
+        self.nsp_head = (
+            _dense(config, hidden, 2, ("embed", None), rngs) if "nsp" in self.heads else None
+        )
         self.classifier = (
             _dense(config, hidden, num_labels, ("embed", None), rngs)
             if "classifier" in self.heads
             else None
         )
-        self.span_head = _dense(config, hidden, 2, ("embed", None), rngs) if "span" in self.heads else None
+        self.span_head = (
+            _dense(config, hidden, 2, ("embed", None), rngs) if "span" in self.heads else None
+        )
         self.classifier_dropout = nnx.Dropout(config.hidden_dropout_prob)
 
     def __call__(
@@ -382,7 +394,9 @@ class BertModel(nnx.Module):
         if self.nsp_head is not None:
             outputs["nsp_logits"] = self.nsp_head(pooled_BxH).astype(jnp.float32)
         if self.classifier is not None:
-            dropped_BxH = self.classifier_dropout(pooled_BxH, deterministic=deterministic, rngs=rngs)
+            dropped_BxH = self.classifier_dropout(
+                pooled_BxH, deterministic=deterministic, rngs=rngs
+            )
             outputs["logits"] = self.classifier(dropped_BxH).astype(jnp.float32)
         if self.span_head is not None:
             span_BxSx2 = self.span_head(hidden_BxSxH).astype(jnp.float32)

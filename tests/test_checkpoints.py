@@ -81,7 +81,9 @@ def test_minilm_matches_transformers_on_real_sentences_and_pairs(minilm, real_ba
         real = batch["attention_mask"][..., None] > 0
         sequence_diff = max(
             sequence_diff,
-            float(np.abs(np.where(real, out.sequence_output - ref.last_hidden_state.numpy(), 0)).max()),
+            float(
+                np.abs(np.where(real, out.sequence_output - ref.last_hidden_state.numpy(), 0)).max()
+            ),
         )
         pooled_diff = max(pooled_diff, _max_diff(out.pooled_output, ref.pooler_output))
     assert examples == 128 and padded_rows > 64
@@ -105,7 +107,10 @@ def test_minilm_bfloat16_compute_stays_close_to_float32(minilm_dir, minilm, real
     # mean absolute error <= 0.05 on hidden states of scale ~0.5, pooled max error <= 0.05.
     assert cosine.min() >= 0.995, cosine.min()
     assert np.abs(seq32 - seq16).mean() <= 0.05
-    assert np.abs(np.asarray(out32.pooled_output) - np.asarray(out16.pooled_output, np.float32)).max() <= 0.05
+    assert (
+        np.abs(np.asarray(out32.pooled_output) - np.asarray(out16.pooled_output, np.float32)).max()
+        <= 0.05
+    )
     assert out16.sequence_output.dtype == jax.numpy.bfloat16
 
 
@@ -162,9 +167,10 @@ def test_random_odd_shaped_pretraining_model_matches_transformers(tmp_path, voca
     reference.save_pretrained(tmp_path)
     _write_vocab(tmp_path, vocab_path)
     model, _ = bert_mini.from_pretrained(tmp_path, head="pretraining")
-    assert model.config.hidden_act == {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[
-        hidden_act
-    ]
+    assert (
+        model.config.hidden_act
+        == {"gelu": "gelu", "gelu_new": "gelu_tanh", "relu": "relu"}[hidden_act]
+    )
     assert model.config.layer_norm_eps == 1e-7
     batch = _random_batch(seed=1)
     with torch.no_grad():
@@ -186,8 +192,14 @@ def _google_names(layers: int) -> dict[str, tuple[str, bool]]:
     """Google TF variable name -> (HF parameter name, transpose), from modeling.py's scopes."""
     names = {
         "bert/embeddings/word_embeddings": ("bert.embeddings.word_embeddings.weight", False),
-        "bert/embeddings/position_embeddings": ("bert.embeddings.position_embeddings.weight", False),
-        "bert/embeddings/token_type_embeddings": ("bert.embeddings.token_type_embeddings.weight", False),
+        "bert/embeddings/position_embeddings": (
+            "bert.embeddings.position_embeddings.weight",
+            False,
+        ),
+        "bert/embeddings/token_type_embeddings": (
+            "bert.embeddings.token_type_embeddings.weight",
+            False,
+        ),
         "bert/embeddings/LayerNorm/gamma": ("bert.embeddings.LayerNorm.weight", False),
         "bert/embeddings/LayerNorm/beta": ("bert.embeddings.LayerNorm.bias", False),
         "bert/pooler/dense/kernel": ("bert.pooler.dense.weight", True),
@@ -220,7 +232,9 @@ def _write_google_checkpoint(directory: pathlib.Path, tensors: dict[str, np.ndar
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bert_config.json").write_text(json.dumps(config))
-    variables = {name: tf.Variable(value, name=name.replace("/", "_")) for name, value in tensors.items()}
+    variables = {
+        name: tf.Variable(value, name=name.replace("/", "_")) for name, value in tensors.items()
+    }
     tf.compat.v1.train.Saver(var_list=variables).save(None, str(directory / "bert_model.ckpt"))
 
 
@@ -245,12 +259,20 @@ def test_google_tf_pretraining_checkpoint_loads_and_matches(tmp_path, vocab_path
     }
     tensors.update(
         {
-            "cls/predictions/transform/dense/kernel": params["cls.predictions.transform.dense.weight"].T.copy(),
+            "cls/predictions/transform/dense/kernel": params[
+                "cls.predictions.transform.dense.weight"
+            ].T.copy(),
             "cls/predictions/transform/dense/bias": params["cls.predictions.transform.dense.bias"],
-            "cls/predictions/transform/LayerNorm/gamma": params["cls.predictions.transform.LayerNorm.weight"],
-            "cls/predictions/transform/LayerNorm/beta": params["cls.predictions.transform.LayerNorm.bias"],
+            "cls/predictions/transform/LayerNorm/gamma": params[
+                "cls.predictions.transform.LayerNorm.weight"
+            ],
+            "cls/predictions/transform/LayerNorm/beta": params[
+                "cls.predictions.transform.LayerNorm.bias"
+            ],
             "cls/predictions/output_bias": params["cls.predictions.bias"],
-            "cls/seq_relationship/output_weights": params["cls.seq_relationship.weight"],  # [out, in]
+            "cls/seq_relationship/output_weights": params[
+                "cls.seq_relationship.weight"
+            ],  # [out, in]
             "cls/seq_relationship/output_bias": params["cls.seq_relationship.bias"],
             # Optimizer slots and the step counter of a pre-training checkpoint are not parameters.
             "bert/pooler/dense/kernel/adam_m": np.zeros((96, 96), np.float32),
@@ -317,7 +339,9 @@ def test_hf_export_loads_in_transformers_masked_lm(tmp_path, vocab_path):
     assert _max_diff(_ours(model, batch).mlm_logits, ref.logits) <= TOL
     fast = transformers.BertTokenizerFast.from_pretrained(tmp_path / "hf")
     assert fast("[MASK] hello")["input_ids"] == [101, 103, 100, 102]  # 1000-token vocab: no "hello"
-    assert fast("[MASK] hello")["input_ids"] == list(tokenizer("[MASK] hello", padding="longest")["input_ids"][0])
+    assert fast("[MASK] hello")["input_ids"] == list(
+        tokenizer("[MASK] hello", padding="longest")["input_ids"][0]
+    )
 
 
 def test_hf_export_of_minilm_classifier_loads_in_transformers(tmp_path, minilm_dir, real_batches):
@@ -367,7 +391,12 @@ def _params(model) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("fmt", ["hf", "tf", "bert_mini"])
 @pytest.mark.parametrize(
     "head, act",
-    [("pretraining", "gelu"), ("classification", "gelu_tanh"), ("regression", "relu"), ("span", "gelu")],
+    [
+        ("pretraining", "gelu"),
+        ("classification", "gelu_tanh"),
+        ("regression", "relu"),
+        ("span", "gelu"),
+    ],
 )
 def test_round_trip_changes_no_value(tmp_path, vocab_path, fmt, head, act):
     model = create_model(_our_odd_config(hidden_act=act), head, num_labels=4, seed=9)
@@ -399,7 +428,12 @@ def test_convert_cli_round_trip(tmp_path, minilm_dir):
     assert (tmp_path / "tf" / "bert_model.ckpt.index").is_file()
     from bert_mini import convert
 
-    assert convert.main(["--src", str(tmp_path / "tf"), "--dst", str(tmp_path / "bm"), "--format", "bert_mini"]) == 0
+    assert (
+        convert.main(
+            ["--src", str(tmp_path / "tf"), "--dst", str(tmp_path / "bm"), "--format", "bert_mini"]
+        )
+        == 0
+    )
     original, _ = bert_mini.from_pretrained(minilm_dir)
     converted, _ = bert_mini.from_pretrained(tmp_path / "bm")
     for name, value in _params(original).items():
@@ -409,7 +443,9 @@ def test_convert_cli_round_trip(tmp_path, minilm_dir):
 def test_convert_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     from bert_mini import convert
 
-    code = convert.main(["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "x"), "--format", "hf"])
+    code = convert.main(
+        ["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "x"), "--format", "hf"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1
     assert err.count("\n") == 0 and "checkpoint not found" in err and "missing" in err
@@ -455,11 +491,16 @@ def test_missing_vocab_is_named(odd_hf_dir):
 
 def test_vocab_size_that_does_not_match_embeddings(odd_hf_dir, vocab_path):
     _edit_json(odd_hf_dir / "config.json", vocab_size=999)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'embeddings.word_embeddings.weight' has shape \(1000, 96\), but config.json implies \(999, 96\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'embeddings.word_embeddings.weight' has shape \(1000, 96\), but config.json implies \(999, 96\)",
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="pretraining")
     _edit_json(odd_hf_dir / "config.json", vocab_size=1000)
     _write_vocab(odd_hf_dir, vocab_path, size=1200)
-    with pytest.raises(CheckpointError, match=r"vocab.txt: 1200 tokens, but .*config.json has vocab_size 1000"):
+    with pytest.raises(
+        CheckpointError, match=r"vocab.txt: 1200 tokens, but .*config.json has vocab_size 1000"
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="pretraining")
 
 
@@ -472,23 +513,44 @@ def test_unknown_activation_names_the_config(odd_hf_dir):
 def test_tensor_of_wrong_shape_is_named(odd_hf_dir):
     name = "bert.encoder.layer.1.attention.self.query.weight"
     _edit_tensors(odd_hf_dir, lambda t: t.update({name: np.zeros((96, 95), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"tensor 'encoder.layer.1.attention.self.query.weight' has shape \(96, 95\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'encoder.layer.1.attention.self.query.weight' has shape \(96, 95\)",
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="pretraining")
 
 
 def test_unmapped_and_missing_tensors_are_named(odd_hf_dir):
-    _edit_tensors(odd_hf_dir, lambda t: t.update({"bert.encoder.layer.1.adapter.weight": np.zeros(3, np.float32)}))
-    with pytest.raises(CheckpointError, match=r"unused tensor\(s\) 'encoder.layer.1.adapter.weight'$"):
+    _edit_tensors(
+        odd_hf_dir,
+        lambda t: t.update({"bert.encoder.layer.1.adapter.weight": np.zeros(3, np.float32)}),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"unused tensor\(s\) 'encoder.layer.1.adapter.weight'$"
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="pretraining")
-    _edit_tensors(odd_hf_dir, lambda t: [t.pop("bert.encoder.layer.1.adapter.weight"), t.pop("bert.encoder.layer.2.output.dense.bias")])
-    with pytest.raises(CheckpointError, match=r"missing encoder tensor\(s\) 'encoder.layer.2.output.dense.bias'"):
+    _edit_tensors(
+        odd_hf_dir,
+        lambda t: [
+            t.pop("bert.encoder.layer.1.adapter.weight"),
+            t.pop("bert.encoder.layer.2.output.dense.bias"),
+        ],
+    )
+    with pytest.raises(
+        CheckpointError, match=r"missing encoder tensor\(s\) 'encoder.layer.2.output.dense.bias'"
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="pretraining")
 
 
 def test_heads_are_created_or_dropped_only_when_asked(odd_hf_dir):
-    with pytest.raises(CheckpointError, match=r"missing classifier tensor\(s\) 'classifier.weight', 'classifier.bias'; pass new_head=True"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing classifier tensor\(s\) 'classifier.weight', 'classifier.bias'; pass new_head=True",
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="classification")
-    with pytest.raises(CheckpointError, match="unused tensor.*cls.predictions.*pass drop_heads=True"):
+    with pytest.raises(
+        CheckpointError, match="unused tensor.*cls.predictions.*pass drop_heads=True"
+    ):
         bert_mini.from_pretrained(odd_hf_dir, head="classification", new_head=True)
     model, _, report = bert_mini.load_pretrained(
         odd_hf_dir, head="classification", num_labels=3, new_head=True, drop_heads=True
@@ -501,7 +563,9 @@ def test_heads_are_created_or_dropped_only_when_asked(odd_hf_dir):
 
 def test_untied_decoder_is_rejected(odd_hf_dir):
     def untie(tensors):
-        tensors["cls.predictions.decoder.weight"] = tensors["bert.embeddings.word_embeddings.weight"] + 1
+        tensors["cls.predictions.decoder.weight"] = (
+            tensors["bert.embeddings.word_embeddings.weight"] + 1
+        )
 
     _edit_tensors(odd_hf_dir, untie)
     with pytest.raises(CheckpointError, match="'cls.predictions.decoder.weight' is not tied"):

@@ -35,7 +35,7 @@ def _batch(seed: int = 0, batch: int = 4, seq_len: int = 16, vocab: int = 211):
 
 
 def test_size_table_has_24_compact_models_base_and_large():
-    compact = [f"L-{l}_H-{h}" for l in (2, 4, 6, 8, 10, 12) for h in (128, 256, 512, 768)]
+    compact = [f"L-{n}_H-{h}" for n in (2, 4, 6, 8, 10, 12) for h in (128, 256, 512, 768)]
     assert set(compact) | {"L-24_H-1024"} == set(config_lib.SIZES)
     for name in compact:
         dims = config_lib.SIZES[name]
