@@ -22,7 +22,7 @@ import transformers
 from flax import nnx
 
 import bert_mini
-from bert_mini import checkpoints
+from bert_mini import checkpoint_formats
 from bert_mini.checkpoints import CheckpointError
 from bert_mini.model import BertConfig, create_model
 
@@ -590,7 +590,7 @@ def test_failed_export_leaves_existing_checkpoint_intact(tmp_path, odd_hf_dir, m
         (directory / "config.json").write_text("{}")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "_save_hf", crash_midway)
+    monkeypatch.setitem(checkpoint_formats.WRITERS, "hf", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         bert_mini.save_pretrained(model, tokenizer, dst, "hf", overwrite=True)
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
