@@ -266,8 +266,17 @@ def _tf_checkpoint_prefix(path: pathlib.Path) -> pathlib.Path | None:
     return pathlib.Path(str(indexes[0]).removesuffix(".index")) if indexes else None
 
 
-def _read_tf(prefix: pathlib.Path) -> SourceCheckpoint:
+def _tensorflow():
+    """TensorFlow, imported only for TF checkpoints (slow to import; quiet C++ logs)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only does file I/O here
     import tensorflow as tf
+
+    return tf
+
+
+def _read_tf(prefix: pathlib.Path) -> SourceCheckpoint:
+    tf = _tensorflow()
 
     config_path = prefix.parent / "bert_config.json"
     config = google_config(config_path)
@@ -401,7 +410,7 @@ def write_hf(model: BertModel, directory: pathlib.Path) -> None:
 
 
 def write_tf(model: BertModel, directory: pathlib.Path) -> None:
-    import tensorflow as tf
+    tf = _tensorflow()
 
     _write_json(directory / "bert_config.json", google_config_dict(model.config))
     tensors = model_tensors(model, "tf")

@@ -30,6 +30,8 @@ from bert_mini.checkpoint_names import HEAD_GROUPS, convert_layout, source_name,
 from bert_mini.model import HEAD_CHOICES, BertModel, create_model
 from bert_mini.tokenization import BertTokenizer
 
+_log = logging.getLogger("bert_mini")
+
 __all__ = [
     "FORMATS",
     "CheckpointError",
@@ -54,15 +56,16 @@ class LoadReport:
     dropped_groups: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
 
-    def lines(self) -> list[str]:
-        out = []
+    def log(self) -> None:
+        """A fresh head is a warning (its outputs are random until trained); the rest is info."""
         if self.new_groups:
-            out.append(f"{self.source}: created fresh (random init): {', '.join(self.new_groups)}")
+            _log.warning(
+                "%s: created fresh (random init): %s", self.source, ", ".join(self.new_groups)
+            )
         if self.dropped_groups:
-            out.append(f"{self.source}: dropped unused heads: {', '.join(self.dropped_groups)}")
+            _log.info("%s: dropped unused heads: %s", self.source, ", ".join(self.dropped_groups))
         if self.skipped:
-            out.append(f"{self.source}: skipped non-parameters: {', '.join(self.skipped)}")
-        return out
+            _log.info("%s: skipped non-parameters: %s", self.source, ", ".join(self.skipped))
 
 
 def _auto_head(source: SourceCheckpoint) -> str | None:
@@ -212,10 +215,7 @@ def load_pretrained(
             f"{tokenizer.vocab_path}: {tokenizer.vocab_size} tokens, but {source.config_path} "
             f"has vocab_size {source.config.vocab_size} (word embeddings too small)"
         )
-    for line in report.lines():
-        logging.info(line)
-    if report.new_groups:
-        logging.warning("%s: created fresh (random init): %s", path, ", ".join(report.new_groups))
+    report.log()
     return model, tokenizer, report
 
 

@@ -20,7 +20,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bert_mini.convert",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--src", required=True, help="source checkpoint directory (or TF prefix)")
     parser.add_argument("--dst", required=True, help="destination directory")
@@ -29,9 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     heads = ["auto", "none"] + [h for h in HEAD_CHOICES if h is not None]
     parser.add_argument(
-        "--head", default="auto", choices=heads, help="head to keep: auto = all the source has"
+        "--head",
+        default="auto",
+        choices=heads,
+        help="head to keep (default: auto = every head the source has)",
     )
-    parser.add_argument("--num-labels", type=int, default=None, help="labels of a new classifier")
+    parser.add_argument(
+        "--num-labels",
+        type=int,
+        default=None,
+        help="labels of a new classifier (default: from the source, else 2)",
+    )
     parser.add_argument(
         "--new-head", action="store_true", help="create a head the source lacks with random init"
     )
@@ -46,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("bert_mini").setLevel(logging.INFO)
     head = None if args.head == "none" else args.head
     try:
         model, tokenizer, report = checkpoints.load_pretrained(
