@@ -603,3 +603,44 @@ def test_copy_of_real_checkpoint_dir_is_not_modified(tmp_path, minilm_dir):
     before = {p.name: p.stat().st_mtime_ns for p in copy.rglob("*")}
     bert_mini.from_pretrained(copy)
     assert {p.name: p.stat().st_mtime_ns for p in copy.rglob("*")} == before
+
+
+def test_hf_masked_lm_without_pooler_needs_new_head(tmp_path, vocab_path, caplog):
+    reference = _randomise(transformers.BertForMaskedLM(_odd_hf_config()), seed=21)
+    reference.save_pretrained(tmp_path)
+    _write_vocab(tmp_path, vocab_path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing pooler tensor\(s\) 'pooler.dense.weight', 'pooler.dense.bias'; pass new_head=True",
+    ):
+        bert_mini.from_pretrained(tmp_path, head="mlm")
+    with caplog.at_level("WARNING", logger="bert_mini"):
+        model, _ = bert_mini.from_pretrained(tmp_path, head="mlm", new_head=True)
+    assert "created fresh (random init): pooler" in caplog.text
+    batch = _random_batch(seed=8)
+    with torch.no_grad():
+        ref = reference(**_torch_batch(batch))
+    assert _max_diff(_ours(model, batch).mlm_logits, ref.logits) <= TOL
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_hf_sequence_classifier_from_transformers_matches(tmp_path, vocab_path, weights_file):
+    reference = _randomise(
+        transformers.BertForSequenceClassification(_odd_hf_config(num_labels=4)), seed=22
+    )
+    reference.save_pretrained(tmp_path)
+    if weights_file == "pytorch_model.bin":
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    _write_vocab(tmp_path, vocab_path)
+    model, _, report = bert_mini.load_pretrained(tmp_path, head="auto")
+    assert report.head == "classification" and model.num_labels == 4
+    assert report.source.endswith(weights_file)
+    batch = _random_batch(seed=9)
+    with torch.no_grad():
+        ref = reference(**_torch_batch(batch))
+    assert _max_diff(_ours(model, batch).logits, ref.logits) <= TOL
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'classifier.bias' has 4 labels, but 3 were asked for"
+    ):
+        bert_mini.from_pretrained(tmp_path, head="classification", num_labels=3)
