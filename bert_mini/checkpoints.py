@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -223,28 +224,16 @@ def from_pretrained(
     path: str | os.PathLike,
     head: str | None = None,
     num_labels: int | None = None,
-    *,
-    new_head: bool = False,
-    drop_heads: bool = False,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    seed: int = 0,
+    **options: Any,
 ) -> tuple[BertModel, BertTokenizer]:
     """Loads a Google TF, HF or bert_mini checkpoint directory as ``(model, tokenizer)``.
 
     ``head``: None (encoder + pooler), "mlm", "pretraining", "classification", "regression",
-    "span", or "auto" (whatever the source has). Strict: see ``build_model``.
+    "span", or "auto" (whatever the source has). ``options`` are those of ``load_pretrained``
+    (``new_head``, ``drop_heads``, ``dtype``, ``param_dtype``, ``seed``). Strict: see
+    ``build_model``.
     """
-    model, tokenizer, _ = load_pretrained(
-        path,
-        head,
-        num_labels,
-        new_head=new_head,
-        drop_heads=drop_heads,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        seed=seed,
-    )
+    model, tokenizer, _ = load_pretrained(path, head, num_labels, **options)
     return model, tokenizer
 
 

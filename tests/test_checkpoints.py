@@ -117,21 +117,27 @@ def test_minilm_bfloat16_compute_stays_close_to_float32(minilm_dir, minilm, real
 # ----------------------------------------------------------------------------- odd shapes
 
 
+ODD_SHAPE = dict(
+    vocab_size=1000,
+    hidden_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    intermediate_size=200,
+    max_position_embeddings=64,
+    type_vocab_size=3,
+    layer_norm_eps=1e-7,
+)
+
+
 def _odd_hf_config(hidden_act: str = "gelu", **overrides) -> transformers.BertConfig:
     values = dict(
-        vocab_size=1000,
-        hidden_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        intermediate_size=200,
-        max_position_embeddings=64,
-        type_vocab_size=3,
-        hidden_act=hidden_act,
-        layer_norm_eps=1e-7,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        ODD_SHAPE, hidden_act=hidden_act, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
     return transformers.BertConfig(**{**values, **overrides})
+
+
+def _our_odd_config(**overrides) -> BertConfig:
+    return BertConfig(**{**ODD_SHAPE, **overrides})
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -330,7 +336,7 @@ def test_hf_export_loads_in_transformers_masked_lm(tmp_path, vocab_path):
     reference, info = transformers.BertForMaskedLM.from_pretrained(
         tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
     )
-    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["missing_keys"]
     assert not info["mismatched_keys"]
     assert set(info["unexpected_keys"]) <= {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
     batch = _random_batch(seed=6)
@@ -360,20 +366,6 @@ def test_hf_export_of_minilm_classifier_loads_in_transformers(tmp_path, minilm_d
         ref = reference.eval()(**_torch_batch(batch))
     assert ref.logits.shape == (16, 3)
     assert _max_diff(_ours(model, batch).logits, ref.logits) <= TOL
-
-
-def _our_odd_config(**overrides) -> BertConfig:
-    values = dict(
-        vocab_size=1000,
-        hidden_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        intermediate_size=200,
-        max_position_embeddings=64,
-        type_vocab_size=3,
-        layer_norm_eps=1e-7,
-    )
-    return BertConfig(**{**values, **overrides})
 
 
 def _vocab_file(tmp_path: pathlib.Path, vocab_path: pathlib.Path) -> pathlib.Path:
