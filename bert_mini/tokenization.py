@@ -402,3 +402,12 @@ class BertTokenizer:
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int32),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int32),
         }
+
+
+if __name__ == "__main__":
+    # `python -m bert_mini.tokenization train-spm ...`: train a SentencePiece vocabulary.
+    import sys
+
+    from bert_mini.sentencepiece_tokenizer import main
+
+    sys.exit(main(sys.argv[1:]))

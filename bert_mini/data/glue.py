@@ -21,7 +21,6 @@ skipped, counted, logged, and the count is kept in ``builder.info.metadata["skip
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import os
@@ -32,7 +31,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from etils import epath
 
 from bert_mini.data.sources import DataError, default_tfds_dir, prepare, require_file
 from bert_mini.paths import shared_data_dir
@@ -433,13 +431,6 @@ class BertMiniGlue(tfds.core.GeneratorBasedBuilder):
         self.skip_bad_rows = bool(skip_bad_rows)
         super().__init__(**kwargs)
         self._original_state["skip_bad_rows"] = self.skip_bad_rows  # survive pickling
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        # TFDS's own lookup touches `importlib_resources`, a backport not installed on
-        # Python 3.11; the source file is all it needs (for its checksums lookup).
-        return epath.Path(inspect.getfile(cls))
 
     @property
     def task(self) -> GlueTask:
