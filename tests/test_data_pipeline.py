@@ -137,3 +137,16 @@ def test_teacher_logits_attach_by_index():
     examples = with_teacher_logits(_examples(20).shuffle(20, seed=1), logits)
     for example in examples.as_numpy_iterator():
         np.testing.assert_array_equal(example["teacher_logits"], logits[example["idx"]])
+
+
+def test_each_host_reads_a_disjoint_slice_of_a_tfds_split(data_dir, tmp_path_factory):
+    from bert_mini.data.glue import load_glue
+
+    tfds_dir = tmp_path_factory.mktemp("tfds")
+    seen = []
+    for index in range(3):
+        split = host_split("validation", HostShard(index, 3))
+        rows = list(load_glue("sst2", split, source_dir=data_dir / "glue", tfds_dir=tfds_dir))
+        assert 280 <= len(rows) <= 300
+        seen.extend(int(row["idx"]) for row in rows)
+    assert sorted(seen) == list(range(872))
