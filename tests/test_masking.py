@@ -14,6 +14,7 @@ from bert_mini.data.masking import (
     mask_batch,
     pretraining_dataset,
 )
+from bert_mini.data.pipeline import HostShard
 from bert_mini.data.pretraining import (
     SpecialIds,
     create_examples,
@@ -278,3 +279,16 @@ def test_whole_word_masking_masks_all_pieces_together(packed, tokenizer):
             max_predictions=20,
             whole_word=True,
         )
+
+
+@pytest.mark.parametrize("as_dataset", [False, True])
+def test_each_host_masks_only_its_own_slice(packed, masking, as_dataset):
+    rows = {**packed, "row": np.arange(len(packed["input_ids"]), dtype=np.int32)}
+    seen = []
+    for index in range(2):
+        source = examples_dataset(rows) if as_dataset else rows
+        out = _masked(source, masking, seed=4, shard=HostShard(index, 2))
+        assert len(out["row"]) == 2 * BATCH  # half the rows per host, per-host batch BATCH
+        seen.append(set(out["row"].tolist()))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(range(4 * BATCH))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from bert_mini.data.pipeline import epoch_batches, epoch_seed
+from bert_mini.data.pipeline import HostShard, epoch_batches, epoch_seed
 from bert_mini.tokenization import BertTokenizer
 
 _ALG = "philox"
@@ -263,7 +263,7 @@ def pretraining_dataset(
     *,
     skip_batches: int = 0,
     shuffle_buffer: int | None = None,
-    shard_index: int = 0,
+    shard: HostShard | None = None,
 ) -> tf.data.Dataset:
     """One epoch of masked pre-training batches: seeded shuffle, ``drop_remainder`` batches,
     masking keyed by the batch index, prefetch.
@@ -272,15 +272,18 @@ def pretraining_dataset(
     (``create_pretraining_examples`` output, or those arrays as tensors to avoid a copy per
     epoch): then a shuffled index range is batched and rows are gathered, instead of shuffling
     and batching example dicts one by one. ``skip_batches`` resumes mid-epoch exactly (skipped
-    batches are not masked). ``shard_index`` keys the masks of each host's slice apart.
+    batches are not masked). Each host reads only every ``shard.count``-th example (its own
+    slice), ``batch_size`` is the per-host batch, and masks are keyed by ``shard.index`` too.
     """
 
+    shard = shard or HostShard()
+
     def transform(batch: dict[str, tf.Tensor], index: tf.Tensor) -> dict[str, tf.Tensor]:
-        return masking(batch, seed=seed, epoch=epoch, batch_index=index, shard_index=shard_index)
+        return masking(batch, seed=seed, epoch=epoch, batch_index=index, shard_index=shard.index)
 
     if isinstance(examples, tf.data.Dataset):
         return epoch_batches(
-            examples,
+            examples.shard(shard.count, shard.index),
             batch_size,
             seed=seed,
             epoch=epoch,
@@ -288,7 +291,10 @@ def pretraining_dataset(
             shuffle_buffer=shuffle_buffer,
             transform=transform,
         )
-    tensors = {key: tf.convert_to_tensor(values) for key, values in examples.items()}
+    tensors = {
+        key: tf.convert_to_tensor(values)[shard.index :: shard.count]
+        for key, values in examples.items()
+    }
     num_examples = int(tensors["input_ids"].shape[0])
     order = tf.data.Dataset.range(num_examples).shuffle(
         shuffle_buffer or max(num_examples, 1),
