@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from bert_mini.tokenization import SPECIAL_TOKENS
+from bert_mini.tokenization import SPECIAL_TOKENS, check_batch_inputs
 
 __all__ = [
     "MODEL_FILENAME",
@@ -45,7 +45,6 @@ __all__ = [
 MODEL_FILENAME = "spiece.model"
 CONFIG_FILENAME = "tokenizer_config.json"
 MODEL_TYPES = ("unigram", "bpe")
-_PADDING_MODES = ("max_length", "longest")
 # Pieces 0..4: pad and unk are SentencePiece's own slots, the rest control symbols in order.
 _PAD, _UNK, _CLS, _SEP, _MASK = SPECIAL_TOKENS
 
@@ -326,29 +325,7 @@ class SentencePieceTokenizer:
         ``[CLS] a [SEP] b [SEP]`` (type ids 0 / 1), longest-first truncation, ``L = max_length``
         or the longest row, and an error instead of silent clipping with ``truncation=False``.
         """
-        batch = [texts] if isinstance(texts, str) else list(texts)
-        second: list[str] | None = None
-        if pairs is not None:
-            second = [pairs] if isinstance(pairs, str) else list(pairs)
-            if len(second) != len(batch):
-                raise ValueError(
-                    f"pairs has {len(second)} items but texts has {len(batch)}; "
-                    "they must be the same length"
-                )
-        for name, column in (("texts", batch), ("pairs", second or [])):
-            for i, t in enumerate(column):
-                if not isinstance(t, str):
-                    raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected str")
-        if padding not in _PADDING_MODES:
-            raise ValueError(f"padding must be one of {_PADDING_MODES}, got {padding!r}")
-        max_length = int(max_length)
-        n_special = 3 if second is not None else 2
-        if max_length < n_special:
-            kind = "pairs" if second is not None else "single texts"
-            raise ValueError(
-                f"max_length={max_length} is too small: {kind} need at least {n_special} "
-                "positions for [CLS]/[SEP]"
-            )
+        batch, second, max_length, n_special = check_batch_inputs(texts, pairs, max_length, padding)
 
         ids_a = self._encode_ids(batch)
         ids_b = self._encode_ids(second) if second is not None else None

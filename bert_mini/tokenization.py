@@ -115,6 +115,42 @@ def _do_lower_case_from_name(path: Path) -> bool:
     return True
 
 
+def check_batch_inputs(
+    texts: str | Sequence[str],
+    pairs: str | Sequence[str] | None,
+    max_length: int,
+    padding: str,
+) -> tuple[list[str], list[str] | None, int, int]:
+    """Validates a tokenizer call: ``(texts, pairs or None, max_length, special tokens per row)``.
+
+    Shared by the WordPiece and SentencePiece tokenizers so both fail the same way.
+    """
+    batch = [texts] if isinstance(texts, str) else list(texts)
+    second: list[str] | None = None
+    if pairs is not None:
+        second = [pairs] if isinstance(pairs, str) else list(pairs)
+        if len(second) != len(batch):
+            raise ValueError(
+                f"pairs has {len(second)} items but texts has {len(batch)}; "
+                "they must be the same length"
+            )
+    for name, column in (("texts", batch), ("pairs", second or [])):
+        for i, t in enumerate(column):
+            if not isinstance(t, str):
+                raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected str")
+    if padding not in _PADDING_MODES:
+        raise ValueError(f"padding must be one of {_PADDING_MODES}, got {padding!r}")
+    max_length = int(max_length)
+    n_special = 3 if second is not None else 2
+    if max_length < n_special:
+        kind = "pairs" if second is not None else "single texts"
+        raise ValueError(
+            f"max_length={max_length} is too small: {kind} need at least {n_special} "
+            "positions for [CLS]/[SEP]"
+        )
+    return batch, second, max_length, n_special
+
+
 class BertTokenizer:
     """BERT WordPiece tokenizer returning fixed-shape int32 numpy batches for JAX.
 
@@ -351,29 +387,7 @@ class BertTokenizer:
         GLUE code. With ``truncation=False`` an over-long row is an error rather than a
         silently clipped example.
         """
-        batch = [texts] if isinstance(texts, str) else list(texts)
-        second: list[str] | None = None
-        if pairs is not None:
-            second = [pairs] if isinstance(pairs, str) else list(pairs)
-            if len(second) != len(batch):
-                raise ValueError(
-                    f"pairs has {len(second)} items but texts has {len(batch)}; "
-                    "they must be the same length"
-                )
-        for name, column in (("texts", batch), ("pairs", second or [])):
-            for i, t in enumerate(column):
-                if not isinstance(t, str):
-                    raise TypeError(f"{name}[{i}] is {type(t).__name__}, expected str")
-        if padding not in _PADDING_MODES:
-            raise ValueError(f"padding must be one of {_PADDING_MODES}, got {padding!r}")
-        max_length = int(max_length)
-        n_special = 3 if second is not None else 2
-        if max_length < n_special:
-            kind = "pairs" if second is not None else "single texts"
-            raise ValueError(
-                f"max_length={max_length} is too small: {kind} need at least {n_special} "
-                "positions for [CLS]/[SEP]"
-            )
+        batch, second, max_length, n_special = check_batch_inputs(texts, pairs, max_length, padding)
 
         if not batch:
             width = max_length if padding == "max_length" else 0
