@@ -9,6 +9,8 @@ release (``uncased_L-4_H-256_A-4``), as ``L-4_H-256``, or by its nickname (``min
 import re
 from typing import TypedDict
 
+import ml_collections
+
 LAYER_CHOICES = (2, 4, 6, 8, 10, 12)
 HIDDEN_CHOICES = (128, 256, 512, 768)
 
@@ -74,3 +76,100 @@ def variant_dims(name: str) -> VariantDims:
 
 def _choices() -> str:
     return f"choose one of {sorted(NAMED_VARIANTS)} or L-<layers>_H-<hidden> from {list(SIZES)}"
+
+
+# ----------------------------------------------------------------------------- run configs
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a run config may set, with BERT's defaults; configs/*.py override them.
+
+    Configs are locked (``lock_config=True`` in ``main.py``), so ``--config.trian.x=1`` is an
+    error instead of a silently ignored typo.
+    """
+    config = ml_collections.ConfigDict()
+    config.mode = "finetune"  # pretrain | finetune | distill
+    config.workdir = ""  # set by main.py from --workdir
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict()
+    config.model.variant = "mini"  # a size-table name; ignored when init_checkpoint has a config
+    config.model.init_checkpoint = ""  # Google TF / HF / bert_mini directory; "" = random init
+    config.model.head = (
+        "classification"  # None | mlm | pretraining | classification | regression | span
+    )
+    config.model.num_labels = 2
+    config.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    config.model.param_dtype = "float32"
+    config.model.vocab_path = (
+        ""  # default: the checkpoint's vocab.txt, else the shared uncased vocab
+    )
+
+    config.data = ml_collections.ConfigDict()
+    config.data.data_dir = ""  # default: $BERT_MINI_DATA or ../shared/data
+    config.data.tfds_dir = ""  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.cache_dir = ""  # pre-training examples cache; default: <workdir>/cache
+    config.data.task = "sst2"  # GLUE task (finetune, distill)
+    config.data.max_seq_length = 128
+    config.data.train_files = "pretrain/gutenberg/train-*.txt.gz"  # pretrain; comma-separated globs
+    config.data.eval_files = "pretrain/gutenberg/valid.txt.gz"
+    config.data.next_sentence = False
+    config.data.max_predictions_per_seq = 20
+    config.data.whole_word_masking = False
+    config.data.transfer = "task_train_text"  # distill: task_train_text | movie_sst2
+    config.data.max_examples = 0  # 0 = all; >0 caps the training examples (runlocal)
+    config.data.max_eval_examples = 0  # 0 = all; >0 caps the pre-training eval examples
+
+    config.train = ml_collections.ConfigDict()
+    config.train.global_batch_size = 32
+    config.train.num_train_steps = 1000
+    config.train.learning_rate = 1e-4
+    config.train.warmup_proportion = 0.1
+    config.train.optimizer = "adamw"  # adamw | lamb
+    config.train.weight_decay = 0.01
+    config.train.clip_norm = 1.0
+    config.train.grad_accum_steps = 1
+    config.train.frozen = ()  # regexes over parameter paths, e.g. ("embeddings/.*",)
+    config.train.log_every_steps = 50
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 500
+    config.eval.global_batch_size = 64
+    config.eval.best_metric = ""  # e.g. "accuracy"; "" = the task's main metric
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 500
+    config.checkpoint.keep = 2
+    config.checkpoint.async_save = True
+
+    config.distill = ml_collections.ConfigDict()
+    config.distill.teacher_checkpoint = ""
+    config.distill.teacher_dtype = "float32"
+    config.distill.teacher_logits = ""  # a cached .npy of [N, C] logits over the transfer set
+    config.distill.temperature = 1.0
+    config.distill.hard_label_weight = 0.0
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    config.mesh.tensor = 1
+    config.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+    )
+    return config
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+    """``"variant=L-4_H-256,runlocal"`` -> ``{"variant": "L-4_H-256", "runlocal": True}``."""
+    out: dict[str, str | bool] = {}
+    for item in (arg or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        out[key.strip()] = value.strip() if sep else True
+    return out

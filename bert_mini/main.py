@@ -1,0 +1,46 @@
+"""Runs one experiment: ``python -m bert_mini.main --config=configs/X.py[:args] --workdir=DIR``.
+
+Override any config field with ``--config.train.learning_rate=3e-5``; a key that the config does
+not have is an error (configs are locked). Rerunning the same command resumes from the last
+checkpoint in ``--workdir``. Pass ``--jax_distributed`` on every host of a multi-host job.
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file, optionally with an argument: file.py:arg", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and results")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "call jax.distributed.initialize() (multi-host TPU/GPU jobs)"
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # TF only feeds data; the accelerators are JAX's
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TF chatter at INFO
+    logging.getLogger("bert_mini").setLevel(logging.INFO)
+    from bert_mini import train
+
+    config = _CONFIG.value
+    with config.unlocked():
+        config.workdir = _WORKDIR.value
+    train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,48 @@
+"""Pre-train a compact BERT with masked LM on a text corpus (step 1 of Pre-trained Distillation).
+
+    python -m bert_mini.main --config=configs/pretrain_mlm.py:variant=L-4_H-256 \
+        --workdir=/tmp/bert_mini/pretrain_mini
+
+Arguments: ``variant`` (size-table name, default mini), ``corpus`` (comma-separated globs under
+the data dir, default the Gutenberg train shards), ``nsp`` (add next-sentence pairs and loss),
+``runlocal`` (the small Gutenberg valid shard, Tiny-sized steps: minutes on a laptop CPU).
+"""
+
+from bert_mini import config_lib
+
+KNOWN_ARGS = {"variant", "corpus", "nsp", "runlocal"}
+
+
+def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(arg)
+    unknown = set(args) - KNOWN_ARGS
+    if unknown:
+        raise ValueError(f"configs/pretrain_mlm.py: unknown argument(s) {sorted(unknown)}")
+    config = config_lib.base_config()
+    config.mode = "pretrain"
+    config.model.variant = str(args.get("variant", "mini"))
+    config.model.head = "pretraining" if args.get("nsp") else "mlm"
+    config.data.next_sentence = bool(args.get("nsp", False))
+    if "corpus" in args:
+        config.data.train_files = str(args["corpus"])
+    config.train.global_batch_size = 256
+    config.train.learning_rate = 1e-4
+    config.train.num_train_steps = 100_000
+    config.train.warmup_proportion = 0.01
+    config.eval.every_steps = 5_000
+    config.eval.global_batch_size = 256
+    config.checkpoint.every_steps = 2_000
+    if args.get("runlocal"):
+        config.data.train_files = "pretrain/gutenberg/valid.txt.gz"
+        config.data.eval_files = "pretrain/wikitext-2-raw/wiki.valid.raw"
+        config.data.max_examples = 2_048
+        config.data.max_eval_examples = 256
+        config.train.global_batch_size = 16
+        config.train.num_train_steps = 40
+        config.train.learning_rate = 5e-4
+        config.train.warmup_proportion = 0.1
+        config.train.log_every_steps = 10
+        config.eval.every_steps = 20
+        config.eval.global_batch_size = 64
+        config.checkpoint.every_steps = 20
+    return config
