@@ -172,7 +172,11 @@ def _apply_gradients(
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = (optax.global_norm(grads), jnp.ones((), jnp.float32))
+    one = jnp.ones((), jnp.float32)
+    metrics["grad_norm"] = (optax.tree.norm(grads), one)
+    # Checked for NaN/Inf with the loss before every checkpoint: a huge update can break the
+    # parameters while the loss that produced it was still finite.
+    metrics["param_norm"] = (optax.tree.norm(params), one)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

@@ -17,7 +17,9 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -314,6 +316,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
             if save_now:
                 ckpts.save(step, state, data.train.position.to_dict())
                 last_saved = step
+                _fault_injection(step)
         if data.eval_batches and not last_eval:  # resumed at the end: report the final model
             last_eval = evaluate(
                 eval_fn, state.params, data.eval_batches(), mesh, kind, config.data.task
@@ -352,6 +355,13 @@ def _teacher(config: ConfigDict, spec: ModelSpec, mesh, rules) -> tuple[Any, Any
     )
     graphdef, params = nnx.split(teacher)
     return graphdef, sharding.shard_params(params, mesh, rules), None
+
+
+def _fault_injection(step: int) -> None:
+    """Crash tests: ``BERT_MINI_FAULT_SIGKILL_AT_SAVE=<step>`` kills this process with SIGKILL
+    right after that step's asynchronous checkpoint write has started, i.e. mid-write."""
+    if os.environ.get("BERT_MINI_FAULT_SIGKILL_AT_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _check_finite(
