@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.whole_word_masking = False
     config.data.transfer = "task_train_text"  # distill: task_train_text | movie_sst2
     config.data.max_examples = 0  # 0 = all; >0 caps the training examples (runlocal)
+    config.data.trim_multiple = (
+        16  # finetune/distill: cut batch padding to a multiple of this (0 = off)
+    )
     config.data.max_eval_examples = 0  # 0 = all; >0 caps the pre-training eval examples
 
     config.train = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ from bert_mini.data.pipeline import (
     epoch_batches,
     eval_batches,
     per_host_batch_size,
+    trim_padding,
 )
 from bert_mini.data.sources import DataError
 from bert_mini.paths import shared_data_dir
@@ -202,7 +203,11 @@ def make_inputs(
                     f"set has {len(train_arrays['idx'])}"
                 )
             train_arrays["teacher_logits"] = teacher_logits.astype(np.float32)
-    stream = _stream(train_arrays, train_batch, config, shard, position)
+    trim = None
+    if config.data.trim_multiple:
+        multiple = config.data.trim_multiple
+        trim = lambda epoch: lambda batch, index: trim_padding(batch, multiple)  # noqa: E731
+    stream = _stream(train_arrays, train_batch, config, shard, position, trim)
     return Inputs(stream, eval_fn, len(train_arrays["input_ids"]), eval_rows)
 
 

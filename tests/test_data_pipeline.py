@@ -16,6 +16,7 @@ from bert_mini.data.pipeline import (
     host_split,
     per_host_batch_size,
     to_global_arrays,
+    trim_padding,
     with_teacher_logits,
 )
 
@@ -150,3 +151,22 @@ def test_each_host_reads_a_disjoint_slice_of_a_tfds_split(data_dir, tmp_path_fac
         assert 280 <= len(rows) <= 300
         seen.extend(int(row["idx"]) for row in rows)
     assert sorted(seen) == list(range(872))
+
+
+def test_trim_padding_cuts_to_the_longest_row_rounded_up():
+    lengths = np.array([3, 17, 5, 9])
+    mask = (np.arange(64)[None] < lengths[:, None]).astype(np.int32)
+    batch = {
+        "input_ids": mask * 7,
+        "token_type_ids": mask * 0,
+        "attention_mask": mask,
+        "label": np.arange(4),
+    }
+    out = {
+        k: v.numpy()
+        for k, v in trim_padding({k: tf.constant(v) for k, v in batch.items()}, 16).items()
+    }
+    assert out["input_ids"].shape == (4, 32) and out["attention_mask"].sum() == lengths.sum()
+    np.testing.assert_array_equal(out["label"], np.arange(4))
+    short = trim_padding({k: tf.constant(v) for k, v in batch.items()}, 128)
+    assert short["input_ids"].shape == (4, 64)  # never wider than the input
