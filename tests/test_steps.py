@@ -138,6 +138,37 @@ def test_pretrain_step_matches_transformers_mlm_plus_nsp(tmp_path):
     assert 0.0 <= _value(metrics["mlm_accuracy"]) <= 1.0
 
 
+def test_span_step_matches_transformers_question_answering(tmp_path):
+    # No padding: HF embeds [PAD] with padding_idx (no gradient), Google's BERT and bert_mini
+    # train it; span logits at padded positions would make that difference visible.
+    batch = _batch(seed=6)
+    rng = np.random.default_rng(6)
+    batch["attention_mask"] = np.ones_like(batch["attention_mask"])
+    batch["input_ids"] = rng.integers(5, CONFIG.vocab_size, size=batch["input_ids"].shape).astype(
+        np.int32
+    )
+    batch["start_positions"] = rng.integers(0, 6, size=8).astype(np.int32)
+    batch["end_positions"] = batch["start_positions"] + rng.integers(0, 3, size=8).astype(np.int32)
+    model = create_model(CONFIG, "span", seed=0)
+    graphdef, params = nnx.split(model)
+    optimizer = optim.make_optimizer(
+        learning_rate=LR, warmup_steps=0, total_steps=10, params=params
+    )
+    state = steps.create_train_state(params, optimizer, seed=0)
+    step = jax.jit(steps.step_function("span", "finetune", graphdef=graphdef, optimizer=optimizer))
+    _, metrics = step(state, batch)
+    reference = _reference(model, tmp_path, transformers.BertForQuestionAnswering)
+    out = reference(
+        **_torch_inputs(batch),
+        start_positions=torch.tensor(batch["start_positions"], dtype=torch.long),
+        end_positions=torch.tensor(batch["end_positions"], dtype=torch.long),
+    )
+    out.loss.backward()
+    metrics = jax.device_get(metrics)
+    assert abs(_value(metrics["loss"]) - out.loss.item()) <= 1e-5
+    assert abs(_value(metrics["grad_norm"]) - _grad_norm(reference)) <= 1e-5 * _grad_norm(reference)
+
+
 def test_distill_step_with_cached_logits_matches_soft_cross_entropy(tmp_path):
     batch = _batch(seed=3)
     model, _, metrics, _ = _one_step("distill", "classification", batch)
