@@ -50,6 +50,11 @@ STEP_HEADS = {"finetune": "classification", "pretrain": "mlm", "distill": "class
 # vocabulary logits at every position, bert_mini only at the masked ones), bert_mini's own
 # fine-tuning step for distill (cached teacher logits must make distillation cost no more).
 COMPARE_TARGETS = {"finetune": 1.5, "pretrain": 2.5, "distill": 0.95}
+# PyTorch's OpenMP workers spin at every barrier by default; with any other busy process on the
+# machine one of them is descheduled and every parallel region waits for it (measured here: the
+# HF step went from 1.4 s to 5.9 s under a background job, while bert_mini's did not move).
+# Sleeping workers cost nothing measurable on an idle machine, so the reference is not handicapped.
+TORCH_OMP_WAIT_POLICY = "PASSIVE"
 
 # Dense peak FLOP/s by device-kind substring (vendor data sheets; first match wins, so the PCIe
 # H100 comes before the SXM one). "tf32" is a float32 matmul at JAX's default GPU precision.
@@ -212,7 +217,7 @@ def gpu_peak_flops(device_kind: str, dtype: str, matmul_precision: str | None) -
     return None
 
 
-def measure_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_flops(size: int = 2048, repeats: int = 10) -> float:
     """The best FLOP/s of a jitted ``size`` x ``size`` float32 matmul on the default device."""
     import jax
     import jax.numpy as jnp
@@ -241,7 +246,8 @@ def peak_flops(dtype: str, override: float | None = None) -> dict[str, Any]:
         size = 2048
         return {
             "peak_flops": measure_matmul_flops(size),
-            "source": f"measured: best jitted float32 {size}x{size} matmul on this CPU",
+            "source": f"measured: best jitted float32 {size}x{size} matmul on this CPU "
+            "(other load on the machine lowers it)",
         }
     peak = gpu_peak_flops(device.device_kind, dtype, jax.config.jax_default_matmul_precision)
     if peak is None:
@@ -390,6 +396,12 @@ def hf_bert_config(config: Any, *, num_labels: int, attn_implementation: str) ->
     )
 
 
+def _set_omp_wait_policy() -> None:
+    """``OMP_WAIT_POLICY`` for PyTorch (read once, when torch loads OpenMP; a user's value wins)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", TORCH_OMP_WAIT_POLICY)
+
+
 def transformers_runner(
     step: str,
     config: Any,
@@ -406,6 +418,7 @@ def transformers_runner(
     vocabulary logits at every position). Gradients are clipped to norm 1 like the HF Trainer
     and bert_mini's optimizer do.
     """
+    _set_omp_wait_policy()
     try:
         import torch
         import transformers
@@ -445,6 +458,16 @@ def transformers_runner(
         last["loss"] = loss.detach()
 
     return StepRunner("transformers", step, run, lambda: float(last["loss"]), attn_implementation)
+
+
+def torch_settings() -> dict[str, Any]:
+    """How PyTorch ran: threads and the OpenMP wait policy (unknown if torch came in earlier)."""
+    import torch
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
 
 
 def time_interleaved(
@@ -581,7 +604,9 @@ def bench_step(
     runners = [bert_mini_runner(step, config, data, num_labels=num_labels, seed=seed)]
     if compare and step == "distill":
         finetune_data = {**data, "label": np.zeros((batch,), np.int32)}
-        runners.append(bert_mini_runner("finetune", config, finetune_data, num_labels=num_labels))
+        runners.append(
+            bert_mini_runner("finetune", config, finetune_data, num_labels=num_labels, seed=seed)
+        )
     elif compare:
         hf_config = dataclasses.replace(config, dtype="float32")
         for attention in ("eager", "sdpa"):
@@ -606,7 +631,9 @@ def bench_step(
         if runner.impl == "bert_mini":
             fields["dtype"] = dtype
         else:
-            fields.update(dtype="float32", attn_implementation=runner.attn_implementation)
+            fields.update(
+                dtype="float32", attn_implementation=runner.attn_implementation, **torch_settings()
+            )
         if runner.step == "pretrain":
             fields["predictions"] = predictions
         useful = train_flops(
@@ -770,21 +797,13 @@ def _run_input(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _run_step(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bert_mini.model import BertConfig
-
-    predictions = args.predictions or 4 * math.ceil(args.seq * 0.15 / 4)  # 20 at 128 (Google)
-    if args.step == "pretrain" and predictions >= args.seq:
-        raise BenchError(f"--predictions {predictions} must be smaller than --seq {args.seq}")
-    max_positions = BertConfig.max_position_embeddings
-    if args.seq > max_positions:
-        raise BenchError(f"--seq {args.seq} exceeds max_position_embeddings {max_positions}")
     return bench_step(
         args.step,
         variant=args.variant,
         batch=args.batch or 32,
         seq=args.seq,
         dtype=args.dtype,
-        predictions=predictions,
+        predictions=args.predictions,
         num_labels=args.num_labels,
         steps=args.steps or 10,
         warmup=args.warmup,
@@ -970,6 +989,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise BenchError(f"--what step needs --step {{{','.join(STEPS)}}}")
     if args.warmup < 0:
         raise BenchError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.what == "step":
+        from bert_mini.model import BertConfig
+
+        max_positions = BertConfig.max_position_embeddings
+        if args.seq > max_positions:
+            raise BenchError(f"--seq {args.seq} exceeds max_position_embeddings {max_positions}")
+        # Google's max_predictions_per_seq: 15% of the tokens rounded up to a multiple of 4.
+        args.predictions = args.predictions or 4 * math.ceil(args.seq * 0.15 / 4)
+        if args.step == "pretrain" and args.predictions >= args.seq:
+            raise BenchError(
+                f"--predictions {args.predictions} must be smaller than --seq {args.seq}"
+            )
     return args
 
 
@@ -979,7 +1010,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         extra = WHAT_PACKAGES[args.what]
         if args.what == "step" and args.compare and args.step != "distill":
-            extra = (*extra, "torch", "transformers")
+            extra = (*extra, "transformers", "torch")  # transformers first: fails fastest
+            _set_omp_wait_policy()  # before machine_info imports torch
         try:
             info = machine_info(extra)
         except ImportError as error:

@@ -6,10 +6,12 @@ dominates); ``--peak-flops`` is given so MFU can be checked exactly and no CPU p
 
 import json
 import math
+import os
 import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from bert_mini import bench
 from bert_mini.model import BertConfig, count_params, create_model
@@ -37,7 +39,7 @@ def _run(capsys, argv: list[str]) -> list[dict]:
 
 
 def test_encoder_layer_params_match_the_model():
-    model = create_model(HAND_CONFIG, head="classification")
+    model = nnx.eval_shape(lambda: create_model(HAND_CONFIG, head="classification"))
     layer_params = count_params(model.layers[0])
     # Q, K, V, O: 4 x (16 + 4); two LayerNorms: 2 x 8; FFN: (32 + 8) + (32 + 4).
     assert bench.encoder_layer_params(HAND_CONFIG) == 172 == layer_params
@@ -134,6 +136,8 @@ def test_compare_prints_both_sides_and_the_ratio(capsys):
     for record in steps.values():
         assert record["step"] == "pretrain" and record["predictions"] == 3
         assert record["examples_per_s"] > 0 and math.isfinite(record["loss"])
+        if record["impl"] == "transformers":
+            assert record["torch_threads"] == os.cpu_count() and record["dtype"] == "float32"
         # Same useful work on both sides: HF's logits at unmasked positions are not model FLOPs.
         assert record["flops_per_step"] == steps[("bert_mini", None)]["flops_per_step"]
     (compare,) = [r for r in records if r["bench"] == "compare"]
