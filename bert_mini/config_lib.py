@@ -166,8 +166,12 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def parse_arg(arg: str | None) -> dict[str, str | bool]:
-    """``"variant=L-4_H-256,runlocal"`` -> ``{"variant": "L-4_H-256", "runlocal": True}``."""
+def parse_arg(arg: str | None, known: set[str], source: str) -> dict[str, str | bool]:
+    """``"variant=L-4_H-256,runlocal"`` -> ``{"variant": "L-4_H-256", "runlocal": True}``.
+
+    A key outside ``known`` is an error naming ``source`` (the config file), like an unknown
+    ``--config.`` key.
+    """
     out: dict[str, str | bool] = {}
     for item in (arg or "").split(","):
         item = item.strip()
@@ -175,4 +179,17 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
             continue
         key, sep, value = item.partition("=")
         out[key.strip()] = value.strip() if sep else True
+    unknown = set(out) - known
+    if unknown:
+        raise ValueError(f"{source}: unknown argument(s) {sorted(unknown)}")
     return out
+
+
+def apply_runlocal(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a run to minutes on a laptop CPU: small batches, few steps, frequent evals."""
+    config.train.global_batch_size = 16
+    config.train.num_train_steps = 40
+    config.train.log_every_steps = 10
+    config.eval.every_steps = 20
+    config.eval.global_batch_size = 64
+    config.checkpoint.every_steps = 20

@@ -17,10 +17,7 @@ KNOWN_ARGS = {"task", "teacher", "logits", "student", "variant", "transfer", "ru
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    unknown = set(args) - KNOWN_ARGS
-    if unknown:
-        raise ValueError(f"configs/distill.py: unknown argument(s) {sorted(unknown)}")
+    args = config_lib.parse_arg(arg, KNOWN_ARGS, "configs/distill.py")
     config = config_lib.base_config()
     config.mode = "distill"
     config.data.task = str(args.get("task", "sst2"))
@@ -39,10 +36,5 @@ def get_config(arg: str | None = None):
     if args.get("runlocal"):
         config.data.max_seq_length = 64
         config.data.max_examples = 512
-        config.train.global_batch_size = 16
-        config.train.num_train_steps = 40
-        config.train.log_every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.global_batch_size = 64
-        config.checkpoint.every_steps = 20
+        config_lib.apply_runlocal(config)
     return config

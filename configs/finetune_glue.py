@@ -15,10 +15,7 @@ KNOWN_ARGS = {"task", "init", "variant", "runlocal"}
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    unknown = set(args) - KNOWN_ARGS
-    if unknown:
-        raise ValueError(f"configs/finetune_glue.py: unknown argument(s) {sorted(unknown)}")
+    args = config_lib.parse_arg(arg, KNOWN_ARGS, "configs/finetune_glue.py")
     config = config_lib.base_config()
     config.mode = "finetune"
     task = str(args.get("task", "sst2"))
@@ -37,10 +34,8 @@ def get_config(arg: str | None = None):
     config.checkpoint.every_steps = 1_000
     if args.get("runlocal"):
         config.data.max_seq_length = 64
-        config.train.global_batch_size = 16
+        config_lib.apply_runlocal(config)
         config.train.num_train_steps = 60
-        config.train.log_every_steps = 10
         config.eval.every_steps = 30
-        config.eval.global_batch_size = 64
         config.checkpoint.every_steps = 30
     return config

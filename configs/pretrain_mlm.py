@@ -14,10 +14,7 @@ KNOWN_ARGS = {"variant", "corpus", "nsp", "runlocal"}
 
 
 def get_config(arg: str | None = None):
-    args = config_lib.parse_arg(arg)
-    unknown = set(args) - KNOWN_ARGS
-    if unknown:
-        raise ValueError(f"configs/pretrain_mlm.py: unknown argument(s) {sorted(unknown)}")
+    args = config_lib.parse_arg(arg, KNOWN_ARGS, "configs/pretrain_mlm.py")
     config = config_lib.base_config()
     config.mode = "pretrain"
     config.model.variant = str(args.get("variant", "mini"))
@@ -37,12 +34,7 @@ def get_config(arg: str | None = None):
         config.data.eval_files = "pretrain/wikitext-2-raw/wiki.valid.raw"
         config.data.max_examples = 2_048
         config.data.max_eval_examples = 256
-        config.train.global_batch_size = 16
-        config.train.num_train_steps = 40
+        config_lib.apply_runlocal(config)
         config.train.learning_rate = 5e-4
         config.train.warmup_proportion = 0.1
-        config.train.log_every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.global_batch_size = 64
-        config.checkpoint.every_steps = 20
     return config
