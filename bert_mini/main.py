@@ -34,12 +34,17 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TF chatter at INFO
     logging.getLogger("bert_mini").setLevel(logging.INFO)
-    from bert_mini import train
-
     config = _CONFIG.value
     with config.unlocked():
         config.workdir = _WORKDIR.value
-    train.train_and_evaluate(config, _WORKDIR.value)
+    if config.mode == "pipeline":  # configs/pd_*.py: every stage of Pre-trained Distillation
+        from bert_mini import pipeline
+
+        pipeline.run_pipeline(config, _WORKDIR.value)
+    else:
+        from bert_mini import train
+
+        train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
