@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from bert_mini import checkpoint_formats
+from bert_mini import checkpoint_formats, downloads
 from bert_mini.checkpoint_formats import (
     FORMATS,
     CheckpointError,
@@ -102,6 +102,13 @@ def _num_labels(source: SourceCheckpoint, head: str | None, requested: int | Non
             f"but {expected} were asked for"
         )
     return found
+
+
+def classifier_labels(source: SourceCheckpoint) -> int | None:
+    """How many labels the source's classification/regression head predicts (None: no head)."""
+    rule = next(r for r in tensor_rules(0, ("classifier",)) if r.ours == "classifier/bias")
+    name = source_name(rule, source.fmt)
+    return int(source.tensors[name].shape[0]) if name in source.tensors else None
 
 
 def build_model(
@@ -198,7 +205,7 @@ def load_pretrained(
     seed: int = 0,
 ) -> tuple[BertModel, BertTokenizer, LoadReport]:
     """``from_pretrained`` plus the load report."""
-    path = pathlib.Path(path)
+    path = downloads.resolve_checkpoint(path)  # a Google release name is downloaded once
     source = read_checkpoint(path)
     tokenizer = BertTokenizer.from_pretrained(_tokenizer_dir(path))
     model, report = build_model(

@@ -11,6 +11,8 @@ from typing import TypedDict
 
 import ml_collections
 
+from bert_mini.paths import shared_data_dir
+
 LAYER_CHOICES = (2, 4, 6, 8, 10, 12)
 HIDDEN_CHOICES = (128, 256, 512, 768)
 
@@ -193,3 +195,121 @@ def apply_runlocal(config: ml_collections.ConfigDict) -> None:
     config.eval.every_steps = 20
     config.eval.global_batch_size = 64
     config.checkpoint.every_steps = 20
+
+
+# ----------------------------------------------------------------------------- PD pipeline
+
+PD_METHODS = ("pd", "pdf", "pf", "d", "scratch")
+PD_ARGS = {"task", "student", "student_init", "teacher", "teacher_init", "method", "runlocal"}
+# The paper's teacher is BERT-Large fine-tuned on the task; ``pipeline.teacher_init`` names its
+# pre-trained checkpoint (a Google release name is downloaded once, see bert_mini.downloads).
+DEFAULT_TEACHER_INIT = "google:large"
+
+
+def pd_config(arg: str | None, source: str, task: str, transfer: str) -> ml_collections.ConfigDict:
+    """The Pre-trained Distillation pipeline config (``bert_mini.pipeline``) for one GLUE task.
+
+    Every stage is a complete run config (``stage_pretrain``, ``stage_teacher``, ``stage_distill``,
+    ``stage_finetune``) that the pipeline wires together (init checkpoints, teacher logits, task),
+    so any of its fields can be overridden: ``--config.stage_distill.train.learning_rate=3e-5``.
+    """
+    args = parse_arg(arg, PD_ARGS, source)
+    task = str(args.get("task", task))
+    regression = task == "stsb"
+    config = ml_collections.ConfigDict()
+    config.mode = "pipeline"
+    config.workdir = ""
+    config.seed = 0
+
+    config.pipeline = ml_collections.ConfigDict()
+    config.pipeline.task = task
+    config.pipeline.method = str(args.get("method", "pd"))  # pd | pdf | pf | d | scratch
+    config.pipeline.student = canonical_variant(str(args.get("student", "mini")))
+    config.pipeline.student_init = str(args.get("student_init", ""))  # "" = pre-train it
+    config.pipeline.teacher = str(args.get("teacher", ""))  # a fine-tuned teacher, used as is
+    config.pipeline.teacher_init = str(args.get("teacher_init", DEFAULT_TEACHER_INIT))
+    config.pipeline.shared_dir = ""  # student pre-training, teacher, logits; "" = the workdir
+    config.pipeline.data_dir = ""  # default: $BERT_MINI_DATA or ../shared/data
+    config.pipeline.tfds_dir = ""
+    config.pipeline.max_seq_length = 128  # evaluation and test predictions
+    config.pipeline.predict_batch_size = 128  # teacher logits, evaluation, test predictions
+    config.pipeline.logits_shard_size = 16_384  # examples per cached teacher-logits file
+    config.pipeline.logits_top_k = 0  # >0 keeps only the k largest logits per example
+    config.pipeline.predict_test = True  # write GLUE test predictions
+
+    head = "regression" if regression else "classification"
+    pretrain = base_config()
+    pretrain.mode = "pretrain"
+    pretrain.model.head = "mlm"
+    pretrain.train.global_batch_size = 256
+    pretrain.train.learning_rate = 1e-4
+    pretrain.train.num_train_steps = 100_000
+    pretrain.train.warmup_proportion = 0.01
+    pretrain.eval.every_steps = 5_000
+    pretrain.eval.global_batch_size = 256
+    pretrain.checkpoint.every_steps = 2_000
+    config.stage_pretrain = pretrain
+
+    teacher = base_config()
+    teacher.mode = "finetune"
+    teacher.model.head = head
+    teacher.train.learning_rate = 2e-5  # BERT-Large
+    teacher.train.num_train_steps = 6_300  # ~3 epochs of SST-2 at batch 32
+    teacher.eval.every_steps = 1_000
+    teacher.checkpoint.every_steps = 1_000
+    config.stage_teacher = teacher
+
+    distill = base_config()
+    distill.mode = "distill"
+    distill.model.head = head
+    distill.data.transfer = transfer
+    distill.train.learning_rate = 1e-4
+    distill.train.num_train_steps = 20_000
+    distill.eval.every_steps = 2_000
+    distill.checkpoint.every_steps = 2_000
+    config.stage_distill = distill
+
+    finetune = base_config()
+    finetune.mode = "finetune"
+    finetune.model.head = head
+    finetune.train.learning_rate = 1e-4  # compact models: the paper's best is often 1e-4
+    finetune.train.num_train_steps = 8_400  # ~4 epochs of SST-2 at batch 32
+    finetune.eval.every_steps = 1_000
+    finetune.checkpoint.every_steps = 1_000
+    config.stage_finetune = finetune
+
+    if config.pipeline.method not in PD_METHODS:
+        raise ValueError(f"{source}: method={config.pipeline.method!r}; choose one of {PD_METHODS}")
+    if args.get("runlocal"):
+        _pd_runlocal(config, "student" in args)
+    return config
+
+
+def _pd_runlocal(config: ml_collections.ConfigDict, student_given: bool) -> None:
+    """Every stage in seconds on a CPU: BERT-Tiny student, the staged MiniLM as the teacher to
+    fine-tune, a few hundred transfer examples, tens of steps."""
+    if not student_given:
+        config.pipeline.student = "L-2_H-128"
+    if config.pipeline.teacher_init == DEFAULT_TEACHER_INIT:
+        config.pipeline.teacher_init = str(shared_data_dir() / "checkpoints" / "all-minilm-l6-v2")
+    config.pipeline.max_seq_length = 64
+    config.pipeline.logits_shard_size = 128
+    for section in ("stage_pretrain", "stage_teacher", "stage_distill", "stage_finetune"):
+        stage = config[section]
+        stage.data.max_seq_length = 64
+        apply_runlocal(stage)
+        stage.train.num_train_steps = 20
+        stage.eval.every_steps = 20
+        stage.checkpoint.every_steps = 10
+    pretrain = config.stage_pretrain
+    pretrain.data.train_files = "pretrain/gutenberg/valid.txt.gz"
+    pretrain.data.eval_files = "pretrain/wikitext-2-raw/wiki.valid.raw"
+    pretrain.data.max_examples = 1_024
+    pretrain.data.max_eval_examples = 128
+    pretrain.data.max_predictions_per_seq = 10
+    pretrain.train.learning_rate = 5e-4
+    config.stage_teacher.train.learning_rate = 5e-5
+    config.stage_distill.data.max_examples = 512
+    config.stage_distill.train.learning_rate = 5e-4
+    config.stage_finetune.data.max_examples = 512
+    config.stage_finetune.train.learning_rate = 5e-4

@@ -9,13 +9,19 @@ from ``config.data`` and the ``bert_mini.data`` modules, so ``train.py`` never t
 - ``finetune``: a GLUE task's train split; evaluation on its dev split.
 - ``distill``: a transfer set (or the task's train text) with the teacher's cached logits joined
   by ``idx``, or the teacher run in the step; evaluation on the task's dev split.
+
+Many hosts: every host holds the (tokenised, in-memory) examples, builds each *global* batch
+(shuffle, masking, padding trim) and keeps only its own rows (``_host_rows``). So the global
+batch, its masks and its padded width do not depend on how many processes share it: 2 processes
+x 4 devices train exactly like 1 x 8, and a checkpoint resumes under any process count. Shared
+caches (TFDS builds, pre-training examples) are written by process 0 before the others read.
 """
 
 import dataclasses
 import glob
 import pathlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +41,8 @@ from bert_mini.data.pipeline import (
 from bert_mini.data.sources import DataError
 from bert_mini.paths import shared_data_dir
 from bert_mini.tokenization import BertTokenizer
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -70,20 +78,20 @@ def _stream(
     position: StreamPosition | None,
     transform_for_epoch: Callable[[int], BatchTransform] | None = None,
 ) -> TrainStream:
-    """This host's slice of ``arrays`` as a resumable stream; ``transform_for_epoch(epoch)``
-    gives the per-batch transform (masking) of that epoch."""
-    local = {key: value[shard.index :: shard.count] for key, value in arrays.items()}
-    examples = tf.data.Dataset.from_tensor_slices(local)
+    """This host's rows of the global batches of ``arrays`` as a resumable stream;
+    ``transform_for_epoch(epoch)`` gives the per-batch transform (masking) of that epoch."""
+    examples = tf.data.Dataset.from_tensor_slices(arrays)
 
     def make_epoch(epoch: int, skip: int) -> tf.data.Dataset:
-        return epoch_batches(
+        batches = epoch_batches(
             examples,
-            per_host_batch,
+            per_host_batch * shard.count,
             seed=config.seed,
             epoch=epoch,
             skip_batches=skip,
             transform=None if transform_for_epoch is None else transform_for_epoch(epoch),
         )
+        return _host_rows(batches, shard, per_host_batch)
 
     return TrainStream(make_epoch, position)
 
@@ -93,14 +101,36 @@ def _eval_pass(
 ) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
     examples = tf.data.Dataset.from_tensor_slices(arrays)
     num_examples = len(next(iter(arrays.values())))
-    batches = eval_batches(examples, per_host_batch, shard, num_examples)
+    global_batches = eval_batches(examples, per_host_batch * shard.count, HostShard(), num_examples)
+    batches = _host_rows(global_batches, shard, per_host_batch)
     return lambda: batches.as_numpy_iterator()
+
+
+def _host_rows(batches: tf.data.Dataset, shard: HostShard, per_host_batch: int) -> tf.data.Dataset:
+    """Rows ``[index * per_host, (index + 1) * per_host)`` of every global batch: this host's
+    part, in the order ``sharding.global_batch`` puts them back together."""
+    if shard.count == 1:
+        return batches
+    start, stop = shard.index * per_host_batch, (shard.index + 1) * per_host_batch
+    return batches.map(lambda batch: {key: value[start:stop] for key, value in batch.items()})
+
+
+def _process_zero_first(shard: HostShard, build: Callable[[], T]) -> T:
+    """``build()`` on process 0, then on the others: one writer for caches that hosts may share
+    (a TFDS build, the pre-training examples), the rest read what it wrote."""
+    if shard.count == 1:
+        return build()
+    from jax.experimental import multihost_utils
+
+    result = build() if shard.index == 0 else None
+    multihost_utils.sync_global_devices("bert_mini.inputs: caches written by process 0")
+    return build() if shard.index != 0 else result
 
 
 # ----------------------------------------------------------------------------- per mode
 
 
-def _glue_arrays(
+def glue_arrays(
     config: ConfigDict, tokenizer: BertTokenizer, split: str
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     dataset = glue.load_glue(
@@ -131,11 +161,12 @@ def _pretraining_arrays(
     return examples
 
 
-def _transfer_arrays(config: ConfigDict, tokenizer: BertTokenizer) -> dict[str, np.ndarray]:
-    """The transfer set D_T tokenised, with ``idx`` so cached teacher logits can be joined."""
+def transfer_examples(config: ConfigDict) -> list[transfer.TransferExample]:
+    """The transfer set D_T named by ``config.data.transfer``, deduplicated against the task's
+    dev and test text; an empty D_T is an error (nothing to distil on)."""
     root = _data_dir(config)
     task = config.data.task
-    sources = [transfer.GlueSource(glue.glue_task(task).folder)]
+    sources: list[transfer.Source] = [transfer.GlueSource(glue.glue_task(task).folder)]
     if config.data.transfer == "movie_sst2":
         sources.insert(0, transfer.ImdbSource())
     elif config.data.transfer != "task_train_text":
@@ -143,9 +174,25 @@ def _transfer_arrays(config: ConfigDict, tokenizer: BertTokenizer) -> dict[str, 
             f"config.data.transfer: unknown transfer set {config.data.transfer!r}; "
             "choose 'task_train_text' or 'movie_sst2'"
         )
-    examples, _ = transfer.build_from_specs(
-        sources, root, dedup_task=glue.glue_task(task).folder, max_examples=config.data.max_examples
+    examples, counts = transfer.build_from_specs(
+        sources,
+        root,
+        dedup_task=glue.glue_task(task).folder,
+        max_examples=config.data.max_examples or None,
     )
+    if not examples:
+        read = {name: c.as_dict() for name, c in counts.items()}
+        raise DataError(
+            f"config.data.transfer={config.data.transfer!r}: the transfer set is empty after "
+            f"length filtering and deduplication against {task} dev/test ({read})"
+        )
+    return examples
+
+
+def transfer_arrays(
+    config: ConfigDict, tokenizer: BertTokenizer, examples: list[transfer.TransferExample]
+) -> dict[str, np.ndarray]:
+    """D_T tokenised, with ``idx`` (the row number) so cached teacher logits can be joined."""
     texts = [example.text for example in examples]
     pairs = [example.text_b for example in examples] if examples and examples[0].text_b else None
     arrays = tokenizer(texts, pairs, max_length=config.data.max_seq_length)
@@ -170,17 +217,21 @@ def make_inputs(
             max_predictions=config.data.max_predictions_per_seq,
             whole_word=config.data.whole_word_masking,
         )
-        train_arrays = _pretraining_arrays(config, tokenizer, config.data.train_files)
+        train_arrays = _process_zero_first(
+            shard, lambda: _pretraining_arrays(config, tokenizer, config.data.train_files)
+        )
 
         def masking_for_epoch(epoch: int) -> BatchTransform:
-            return lambda batch, index: masker(
-                batch, seed=config.seed, epoch=epoch, batch_index=index, shard_index=shard.index
+            return lambda batch, index: masker(  # the global batch: same masks on any hosts
+                batch, seed=config.seed, epoch=epoch, batch_index=index
             )
 
         stream = _stream(train_arrays, train_batch, config, shard, position, masking_for_epoch)
         eval_fn = None
         if config.data.eval_files:
-            eval_arrays = _pretraining_arrays(config, tokenizer, config.data.eval_files)
+            eval_arrays = _process_zero_first(
+                shard, lambda: _pretraining_arrays(config, tokenizer, config.data.eval_files)
+            )
             if config.data.max_eval_examples:
                 eval_arrays = {
                     k: v[: config.data.max_eval_examples] for k, v in eval_arrays.items()
@@ -190,12 +241,19 @@ def make_inputs(
 
     if mode not in ("finetune", "distill"):
         raise ValueError(f"config.mode: unknown mode {mode!r}; choose pretrain, finetune, distill")
-    eval_arrays, eval_rows = _glue_arrays(config, tokenizer, "validation")
+    eval_arrays, eval_rows = _process_zero_first(
+        shard, lambda: glue_arrays(config, tokenizer, "validation")
+    )
     eval_fn = _eval_pass(eval_arrays, eval_batch, shard)
     if mode == "finetune":
-        train_arrays, _ = _glue_arrays(config, tokenizer, "train")
+        train_arrays, _ = _process_zero_first(
+            shard, lambda: glue_arrays(config, tokenizer, "train")
+        )
+        if config.data.max_examples:
+            train_arrays = {k: v[: config.data.max_examples] for k, v in train_arrays.items()}
     else:
-        train_arrays = _transfer_arrays(config, tokenizer)
+        examples = _process_zero_first(shard, lambda: transfer_examples(config))
+        train_arrays = transfer_arrays(config, tokenizer, examples)
         if teacher_logits is not None:
             if len(teacher_logits) != len(train_arrays["idx"]):
                 raise ValueError(
@@ -221,10 +279,10 @@ def _masked_eval_pass(
     """Held-out MLM batches with masks fixed once (epoch 0), so every evaluation is comparable."""
     examples = tf.data.Dataset.from_tensor_slices(arrays)
     num_examples = len(arrays["input_ids"])
-    batches = (
-        eval_batches(examples, per_host_batch, shard, num_examples)
+    global_batches = (
+        eval_batches(examples, per_host_batch * shard.count, HostShard(), num_examples)
         .enumerate()
         .map(lambda index, batch: masker(batch, seed=seed + 1, epoch=0, batch_index=index))
-        .cache()
     )
+    batches = _host_rows(global_batches, shard, per_host_batch).cache()
     return lambda: batches.as_numpy_iterator()

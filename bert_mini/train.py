@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from bert_mini import checkpoints, inputs, metrics, optim, sharding, steps
+from bert_mini import checkpoints, downloads, inputs, metrics, optim, sharding, steps
+from bert_mini import teacher_logits as logits_cache
 from bert_mini.data.pipeline import HostShard, StreamPosition
 from bert_mini.model import HEAD_CHOICES, BertConfig, BertModel, create_model
 from bert_mini.paths import shared_data_dir
@@ -76,8 +78,10 @@ def model_spec(config: ConfigDict) -> ModelSpec:
     source = None
     if config.model.init_checkpoint:
         path = pathlib.Path(config.model.init_checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"config.model.init_checkpoint not found: {path}")
+        try:  # a Google release name is downloaded once
+            path = downloads.resolve_checkpoint(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config.model.init_checkpoint not found: {path}") from None
         source = checkpoints.read_checkpoint(path)
         bert_config = dataclasses.replace(source.config, **dtypes)
         vocab_dir = path if path.is_dir() else path.parent
@@ -174,10 +178,12 @@ def evaluate(
         batch = sharding.global_batch(local, mesh)
         outputs, batch_sums = eval_fn(params, batch)
         sums = _add(sums, batch_sums)
-        if kind in ("classification", "regression"):
-            real = local["eval_mask"] == 1
-            predictions.append(np.asarray(jax.device_get(outputs["logits"]))[real])
-            labels.append(local["label"][real])
+        if kind in ("classification", "regression"):  # global arrays, gathered on every host
+            logits, label, mask = multihost_utils.process_allgather(
+                (outputs["logits"], batch["label"], batch["eval_mask"]), tiled=True
+            )
+            predictions.append(logits[mask == 1])
+            labels.append(label[mask == 1])
     results = {f"{name}": value for name, value in _means(sums or {}).items()}
     if predictions:
         results.update(
@@ -316,7 +322,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
             if save_now:
                 ckpts.save(step, state, data.train.position.to_dict())
                 last_saved = step
-                _fault_injection(step)
+                _fault_injection(step, workdir)
         if data.eval_batches and not last_eval:  # resumed at the end: report the final model
             last_eval = evaluate(
                 eval_fn, state.params, data.eval_batches(), mesh, kind, config.data.task
@@ -341,6 +347,8 @@ def _teacher(config: ConfigDict, spec: ModelSpec, mesh, rules) -> tuple[Any, Any
     """(graphdef, params, None) for a teacher run in the step, or (None, None, cached logits)."""
     if config.distill.teacher_logits:
         path = pathlib.Path(config.distill.teacher_logits)
+        if path.is_dir():  # a sharded cache written by bert_mini.teacher_logits (the pipeline)
+            return None, None, logits_cache.load_cache(path)
         if not path.is_file():
             raise FileNotFoundError(f"config.distill.teacher_logits not found: {path}")
         return None, None, np.load(path)
@@ -357,10 +365,14 @@ def _teacher(config: ConfigDict, spec: ModelSpec, mesh, rules) -> tuple[Any, Any
     return graphdef, sharding.shard_params(params, mesh, rules), None
 
 
-def _fault_injection(step: int) -> None:
+def _fault_injection(step: int, workdir: pathlib.Path) -> None:
     """Crash tests: ``BERT_MINI_FAULT_SIGKILL_AT_SAVE=<step>`` kills this process with SIGKILL
-    right after that step's asynchronous checkpoint write has started, i.e. mid-write."""
-    if os.environ.get("BERT_MINI_FAULT_SIGKILL_AT_SAVE") == str(step):
+    right after that step's asynchronous checkpoint write has started, i.e. mid-write;
+    ``BERT_MINI_FAULT_WORKDIR=<text>`` limits it to workdirs whose path contains the text (one
+    stage of a pipeline)."""
+    if os.environ.get("BERT_MINI_FAULT_SIGKILL_AT_SAVE") != str(step):
+        return
+    if os.environ.get("BERT_MINI_FAULT_WORKDIR", "") in str(workdir):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -376,9 +388,10 @@ def _check_finite(
 
 
 def _save_best(workdir: pathlib.Path, graphdef, params, spec: ModelSpec, best: dict) -> None:
+    host_params = multihost_utils.process_allgather(params, tiled=True)  # all hosts take part
     if jax.process_index() != 0:
         return
-    model = nnx.merge(graphdef, jax.device_get(params))
+    model = nnx.merge(graphdef, host_params)
     checkpoints.save_pretrained(
         model, spec.tokenizer, workdir / "best", "bert_mini", overwrite=True
     )

@@ -13,6 +13,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests never download: a missing GLUE file or release name must fail fast here, even on a CI
+# machine with internet (tests that exercise downloads serve files from localhost and reset it).
+os.environ.setdefault("BERT_MINI_OFFLINE", "1")
 
 import pathlib  # noqa: E402
 

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bert_mini.data.sources import DataError, default_tfds_dir, prepare, require_file
+from bert_mini.data.sources import DataError, default_tfds_dir, prepare
 from bert_mini.paths import shared_data_dir
 
 __all__ = [
@@ -511,18 +511,16 @@ def load_glue(
     ``task``: ``sst2`` / ``glue/sst2`` builds (once) from local TSVs (``source_dir``, default
     ``../shared/data/glue``) into ``tfds_dir``; ``tfds:glue/sst2`` uses the TFDS catalog
     (``tfds.load``, which downloads). ``split`` is a catalog split name, optionally sliced or
-    joined (``train[:10%]``, ``train+validation``). A split whose source file is missing is a
-    DataError naming the file.
+    joined (``train[:10%]``, ``train+validation``). When a wanted split's local file is missing
+    (MNLI, QQP, QNLI train here), the whole request comes from the catalog instead
+    (``downloads.glue_tfds``, downloads once); if that fails, a DataError names the TSV to place.
     """
+    from bert_mini.downloads import glue_tfds  # here: downloads imports this module lazily
+
     if task.startswith(CATALOG_PREFIX):
         spec = glue_task(task.removeprefix(CATALOG_PREFIX))
         _check_split(spec, split)
-        return tfds.load(
-            f"glue/{spec.name}",
-            split=split,
-            data_dir=None if tfds_dir is None else os.fspath(tfds_dir),
-            shuffle_files=False,
-        )
+        return glue_tfds(spec.name, split, tfds_dir, source_dir=source_dir)
 
     spec = glue_task(task)
     wanted = _check_split(spec, split)
@@ -530,8 +528,11 @@ def load_glue(
     tfds_path = pathlib.Path(tfds_dir or default_tfds_dir())
     builder = BertMiniGlue(data_dir=str(tfds_path), config=spec.name, skip_bad_rows=skip_bad_rows)
     if not (builder.is_prepared() and all(name in builder.info.splits for name in wanted)):
-        for name in wanted:
-            require_file(source / spec.folder / spec.splits[name], how_to_get(spec))
+        missing = [source / spec.folder / spec.splits[n] for n in wanted]
+        missing = [path for path in missing if not path.is_file()]
+        if missing:
+            log.info("glue/%s: %s not found; using the TFDS catalog", spec.name, missing[0])
+            return glue_tfds(spec.name, split, tfds_path, source_dir=source)
         builder = prepare(
             BertMiniGlue, source, tfds_path, config=spec.name, skip_bad_rows=skip_bad_rows
         )
