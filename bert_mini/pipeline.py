@@ -11,6 +11,8 @@ Stages, each in its own folder with a ``manifest.json`` written when (and only w
 4. ``distill``  the student against the cached teacher distribution on D_T;
 5. ``finetune`` the student (or distilled student) on D_L;
 6. ``evaluate`` dev metrics of the final model and test predictions in GLUE's submission format;
+   SQuAD (task ``squad``, span head; ``configs/pd_squad.py``): EM/F1 and ``dev_predictions.json``,
+   with the teacher's start/end logits cached as one ``[2*S]`` row per window;
 7. ``results.json`` and ``report.md`` in the workdir.
 
 ``pipeline.method`` picks the stages: ``pd`` (1-4), ``pdf`` (1-5), ``pf`` (1, 5), ``d`` (2-4 with
@@ -39,7 +41,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from bert_mini import checkpoints, downloads, inputs, metrics, train
+from bert_mini import checkpoints, downloads, inputs, metrics, squad_inputs, train
 from bert_mini import teacher_logits as logits_cache
 from bert_mini.data import glue
 from bert_mini.model import count_params
@@ -99,12 +101,19 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(f"bert_mini.pipeline.{name}")
 
 
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
+def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
+    """The first setting that differs, as ``key: old -> new``; None when they agree.
+
+    A key the old settings lack is a field added to the configs since that stage ran (its
+    default keeps the old behaviour), so it does not count; a removed or changed key does.
+    """
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
+        for key in sorted(old):
+            found = _first_difference(old[key], new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return None
+    return None if old == new else f"{prefix.rstrip('.')}: {old!r} -> {new!r}"
 
 
 def run_stage(
@@ -119,8 +128,8 @@ def run_stage(
     manifest_path = stage_dir / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest["settings"] != settings:
-            difference = _first_difference(manifest["settings"], settings)
+        difference = _first_difference(manifest["settings"], settings)
+        if difference:
             raise PipelineError(
                 f"{manifest_path}: stage {name!r} was made with other settings ({difference}); "
                 "use another workdir/shared_dir or delete that stage folder"
@@ -157,6 +166,8 @@ class TaskInfo:
 
 
 def task_info(task: str) -> TaskInfo:
+    if task == squad_inputs.TASK:  # start/end logits over positions; no label set
+        return TaskInfo(task, "span", 2, None)
     spec = glue.glue_task(task)
     if spec.is_regression:
         return TaskInfo(spec.name, "regression", 1, None)
@@ -210,6 +221,13 @@ def _default_vocab(config: ConfigDict) -> pathlib.Path:
 def check_teacher_labels(checkpoint: str | os.PathLike, task: TaskInfo) -> None:
     """A fine-tuned teacher must predict exactly the task's labels (count and kind)."""
     source = checkpoints.read_checkpoint(pathlib.Path(checkpoint))
+    if task.head == "span":  # SQuAD: a start/end head, no classifier
+        if "span" not in source.groups_present():
+            raise PipelineError(
+                f"pipeline.teacher {checkpoint}: has no span (start/end) head, so it is not "
+                f"fine-tuned on {task.name}; pass it as pipeline.teacher_init to fine-tune it first"
+            )
+        return
     found = checkpoints.classifier_labels(source)
     if found is None:
         raise PipelineError(
@@ -262,13 +280,13 @@ def _length_buckets(lengths_N: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def predict_logits(
-    model: Any, arrays: dict[str, np.ndarray], batch_size: int, multiple: int = 16
-) -> np.ndarray:
-    """The model's ``[N, C]`` head logits over tokenised arrays, in their order.
+def make_predictor(
+    model: Any, batch_size: int, multiple: int = 16
+) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """A function from tokenised arrays to the model's ``[N, C]`` head logits, in their order.
 
     Batches are bucketed by length and cut to the longest row (rounded up to ``multiple``, so few
-    shapes are compiled); the last batch is padded to ``batch_size`` rows.
+    shapes are compiled, once per predictor); the last batch is padded to ``batch_size`` rows.
     """
     graphdef, params = nnx.split(model)
 
@@ -277,24 +295,27 @@ def predict_logits(
         output = nnx.merge(graphdef, params)(ids_BxS, types_BxS, mask_BxS, deterministic=True)
         return output.logits.astype(jnp.float32)
 
-    lengths_N = arrays["attention_mask"].sum(axis=1)
-    out: np.ndarray | None = None
-    for rows in _length_buckets(lengths_N, batch_size):
-        width = int(-(-max(int(lengths_N[rows].max()), 1) // multiple) * multiple)
-        width = min(width, arrays["input_ids"].shape[1])
-        padded = np.pad(rows, (0, batch_size - len(rows)), mode="edge")
-        logits_BxC = forward(
-            params,
-            *(
-                arrays[key][padded, :width]
-                for key in ("input_ids", "token_type_ids", "attention_mask")
-            ),
-        )
-        logits_BxC = np.asarray(logits_BxC)[: len(rows)]
-        if out is None:
-            out = np.zeros((len(lengths_N), logits_BxC.shape[-1]), np.float32)
-        out[rows] = logits_BxC
-    return np.zeros((0, 1), np.float32) if out is None else out
+    def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        lengths_N = arrays["attention_mask"].sum(axis=1)
+        out: np.ndarray | None = None
+        for rows in _length_buckets(lengths_N, batch_size):
+            width = int(-(-max(int(lengths_N[rows].max()), 1) // multiple) * multiple)
+            width = min(width, arrays["input_ids"].shape[1])
+            padded = np.pad(rows, (0, batch_size - len(rows)), mode="edge")
+            keys = ("input_ids", "token_type_ids", "attention_mask")
+            logits_BxC = forward(params, *(arrays[key][padded, :width] for key in keys))
+            logits_BxC = np.asarray(logits_BxC)[: len(rows)]
+            if out is None:
+                out = np.zeros((len(lengths_N), logits_BxC.shape[-1]), np.float32)
+            out[rows] = logits_BxC
+        return np.zeros((0, 1), np.float32) if out is None else out
+
+    return predict
+
+
+def predict_logits(model: Any, arrays: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """``make_predictor(model, batch_size)(arrays)``: one pass, compiled for this call only."""
+    return make_predictor(model, batch_size)(arrays)
 
 
 def _load_classifier(checkpoint: str | os.PathLike, task: TaskInfo, dtype: str = "float32"):
@@ -321,6 +342,9 @@ def _glue_arrays(config: ConfigDict, tokenizer: BertTokenizer, split: str, max_l
 def dev_metrics(config: ConfigDict, checkpoint: str | os.PathLike, task: TaskInfo) -> dict:
     """The task's dev metrics of a fine-tuned checkpoint (the teacher's, the final student's)."""
     model, tokenizer = _load_classifier(checkpoint, task)
+    if task.head == "span":  # SQuAD EM/F1 (fractions) of the decoded answer texts
+        batch_size = config.pipeline.predict_batch_size
+        return squad_inputs.dev_predictions(config, model, tokenizer, batch_size).metrics
     arrays, _ = _glue_arrays(config, tokenizer, "validation", config.pipeline.max_seq_length)
     logits_NxC = predict_logits(model, arrays, config.pipeline.predict_batch_size)
     return metrics.glue_metrics(task.name, logits_NxC, arrays["label"])
@@ -425,6 +449,8 @@ def _distill_data_config(plan: Plan) -> ConfigDict:
 
 
 def logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
+    if plan.task.head == "span":
+        return _span_logits_stage(plan, teacher)
     config = plan.config
     stage_dir = plan.shared / "teacher_logits"
     data_config = _distill_data_config(plan)
@@ -453,10 +479,10 @@ def logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
             teacher_checkpoint, plan.task, dtype=data_config.distill.teacher_dtype
         )
         arrays = inputs.transfer_arrays(data_config, tokenizer, examples)
+        predict = make_predictor(model, config.pipeline.predict_batch_size)
 
         def logits_of(start: int, stop: int) -> np.ndarray:
-            part = {key: value[start:stop] for key, value in arrays.items()}
-            return predict_logits(model, part, config.pipeline.predict_batch_size)
+            return predict({key: value[start:stop] for key, value in arrays.items()})
 
         manifest = logits_cache.write_cache(
             stage_dir / "cache",
@@ -464,6 +490,48 @@ def logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
             logits_of,
             shard_size=config.pipeline.logits_shard_size,
             top_k=top_k,
+            fingerprint_value=logits_cache.fingerprint(settings),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            barrier=lambda: _barrier("teacher_logits"),
+            log=_log.info,
+        )
+        return {"cache": str(stage_dir / "cache"), **manifest}
+
+    return run_stage("teacher_logits", stage_dir, settings, compute)
+
+
+def _span_logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
+    """SQuAD: the teacher's start/end logits over D_T's windows, one ``[2*S]`` row per window
+    (start then end; positions outside the attention mask hold ``MISSING_LOGIT``)."""
+    config = plan.config
+    stage_dir = plan.shared / "teacher_logits"
+    data_config = _distill_data_config(plan)
+    teacher_checkpoint = teacher["outputs"]["checkpoint"]
+    tokenizer = BertTokenizer.from_pretrained(teacher_checkpoint)
+    features, examples = squad_inputs.transfer_windows(data_config, tokenizer)
+    settings = {
+        "teacher": teacher_checkpoint,
+        "teacher_settings": teacher["settings"],
+        **squad_inputs.transfer_settings(data_config, examples, len(features)),
+        "shard_size": config.pipeline.logits_shard_size,
+        "teacher_dtype": data_config.distill.teacher_dtype,
+    }
+
+    def compute() -> dict[str, Any]:
+        dtype = data_config.distill.teacher_dtype
+        model, _ = _load_classifier(teacher_checkpoint, plan.task, dtype=dtype)
+        arrays = features.arrays()
+
+        def logits_of(start: int, stop: int) -> np.ndarray:
+            part = {key: value[start:stop] for key, value in arrays.items()}
+            return squad_inputs.predict_span_logits(model, part, config.pipeline.predict_batch_size)
+
+        manifest = logits_cache.write_cache(
+            stage_dir / "cache",
+            len(features),
+            logits_of,
+            shard_size=config.pipeline.logits_shard_size,
             fingerprint_value=logits_cache.fingerprint(settings),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
@@ -505,6 +573,8 @@ def evaluate_stage(plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
     checkpoint = final["outputs"]["checkpoint"]
 
     def work() -> dict[str, Any]:
+        if plan.task.head == "span":
+            return _span_evaluation(config, checkpoint, plan.task, stage_dir)
         outputs: dict[str, Any] = {
             "checkpoint": checkpoint,
             "metrics": dev_metrics(config, checkpoint, plan.task),
@@ -519,6 +589,22 @@ def evaluate_stage(plan: Plan, final: dict[str, Any]) -> dict[str, Any]:
 
     settings = {"checkpoint": checkpoint, "trained": final["settings"]}
     return run_stage("evaluate", stage_dir, settings, work)
+
+
+def _span_evaluation(
+    config: ConfigDict, checkpoint: str, task: TaskInfo, stage_dir: pathlib.Path
+) -> dict[str, Any]:
+    """SQuAD has no public test set: EM/F1 on the eval split and its answers as
+    ``dev_predictions.json`` ({id: answer}, the official evaluate-v1.1.py input)."""
+    model, tokenizer = _load_classifier(checkpoint, task)
+    dev = squad_inputs.dev_predictions(config, model, tokenizer, config.pipeline.predict_batch_size)
+    outputs = {"checkpoint": checkpoint, "metrics": dev.metrics, "params": count_params(model)}
+    if config.pipeline.predict_test:
+        path = stage_dir / "dev_predictions.json"
+        if jax.process_index() == 0:
+            squad_inputs.write_predictions(dev.predictions, path)
+        outputs["dev_predictions"] = str(path)
+    return outputs
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -559,7 +645,11 @@ def preflight(config: ConfigDict) -> Plan:
             else _default_vocab(config)
         )
         check_same_vocab(config.pipeline.student_init, reference)
-    if "teacher_logits" in stages:
+    if task.head == "span":  # SQuAD: a missing train-v1.1.json fails here
+        for section in ("stage_teacher", "stage_distill", "stage_finetune"):
+            fields = _task_fields(config, task)
+            squad_inputs.check_splits(_stage_config(config, section, workdir, **fields))
+    elif "teacher_logits" in stages:
         inputs.transfer_examples(_distill_data_config(plan))  # an empty D_T fails here
     return plan
 
@@ -594,7 +684,7 @@ def run_pipeline(config: ConfigDict, workdir: str | os.PathLike) -> dict[str, An
 def build_results(plan: Plan, done: dict[str, dict], wall_time_s: float) -> dict[str, Any]:
     """The run's summary, the shape ``bert_mini.report`` reads for sweeps."""
     config = plan.config
-    main_metric = metrics.GLUE_MAIN_METRIC[plan.task.name]
+    main_metric = "f1" if plan.task.head == "span" else metrics.GLUE_MAIN_METRIC[plan.task.name]
     student = config.pipeline.student
     evaluation = done["evaluate"]["outputs"]
     teacher = None
@@ -615,6 +705,7 @@ def build_results(plan: Plan, done: dict[str, dict], wall_time_s: float) -> dict
         "dev": evaluation["metrics"],
         "teacher": teacher,
         "test_predictions": evaluation.get("test_predictions"),
+        "dev_predictions": evaluation.get("dev_predictions"),  # SQuAD: {id: answer} JSON
         "stages": {
             name: {
                 "status": stage["status"],

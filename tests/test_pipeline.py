@@ -289,6 +289,11 @@ def test_a_stage_made_with_other_settings_is_never_reused(tmp_path):
     assert again["status"] == "reused" and again["outputs"] == {"x": 1}
     with pytest.raises(pipeline.PipelineError, match=r"other settings \(train.steps: 20 -> 40\)"):
         pipeline.run_stage("distill", stage, {"train": {"steps": 40}}, lambda: {"x": 3})
+    with pytest.raises(pipeline.PipelineError, match=r"other settings \(train.steps: 20 -> None\)"):
+        pipeline.run_stage("distill", stage, {"train": {"epochs": 1}}, lambda: {"x": 3})
+    # A field added to the configs since the stage ran does not invalidate it.
+    newer = {"train": {"steps": 20, "new_field": 0}}
+    assert pipeline.run_stage("distill", stage, newer, lambda: {"x": 4})["outputs"] == {"x": 1}
 
 
 def test_pd_glue_configs_pick_heads_and_transfer_sets():
