@@ -436,7 +436,13 @@ def write_bert_mini(model: BertModel, directory: pathlib.Path) -> None:
         "num_labels": model.num_labels,
         "config": model.config.to_dict(),
     }
-    checkpointer = ocp.StandardCheckpointer()
+    import jax
+
+    # An export is host-local (numpy arrays, one writer): no barrier with the other processes.
+    this_process = ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+    )
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
     checkpointer.save(
         (directory / "params").resolve(), _unflatten(model_tensors(model, "bert_mini"))
     )

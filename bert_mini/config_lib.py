@@ -111,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.data_dir = ""  # default: $BERT_MINI_DATA or ../shared/data
     config.data.tfds_dir = ""  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.cache_dir = ""  # pre-training examples cache; default: <workdir>/cache
-    config.data.task = "sst2"  # GLUE task (finetune, distill)
+    config.data.task = "sst2"  # GLUE task or "squad" (finetune, distill)
     config.data.max_seq_length = 128
     config.data.train_files = "pretrain/gutenberg/train-*.txt.gz"  # pretrain; comma-separated globs
     config.data.eval_files = "pretrain/gutenberg/valid.txt.gz"
@@ -123,7 +123,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.trim_multiple = (
         16  # finetune/distill: cut batch padding to a multiple of this (0 = off)
     )
-    config.data.max_eval_examples = 0  # 0 = all; >0 caps the pre-training eval examples
+    config.data.max_eval_examples = 0  # 0 = all; >0 caps pre-training / SQuAD eval examples
+    # SQuAD (task "squad"): TFDS split strings, and run_squad.py's window settings.
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.doc_stride = 128
+    config.data.max_query_length = 64
 
     config.train = ml_collections.ConfigDict()
     config.train.global_batch_size = 32

@@ -9,6 +9,7 @@ from ``config.data`` and the ``bert_mini.data`` modules, so ``train.py`` never t
 - ``finetune``: a GLUE task's train split; evaluation on its dev split.
 - ``distill``: a transfer set (or the task's train text) with the teacher's cached logits joined
   by ``idx``, or the teacher run in the step; evaluation on the task's dev split.
+- ``squad`` (finetune or distill): span windows, see ``bert_mini/squad_inputs.py``.
 
 Many hosts: every host holds the (tokenised, in-memory) examples, builds each *global* batch
 (shuffle, masking, padding trim) and keeps only its own rows (``_host_rows``). So the global
@@ -53,6 +54,8 @@ class Inputs:
     eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None
     num_train_examples: int
     eval_examples: list[dict[str, Any]] | None = None  # raw dev rows, for host-side metrics
+    # Span tasks (SQuAD): the eval windows' start/end logits [N, S], in order -> EM/F1.
+    score_spans: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None
 
 
 def _data_dir(config: ConfigDict) -> pathlib.Path:
@@ -241,6 +244,10 @@ def make_inputs(
 
     if mode not in ("finetune", "distill"):
         raise ValueError(f"config.mode: unknown mode {mode!r}; choose pretrain, finetune, distill")
+    if config.data.task == "squad":  # span windows: bert_mini/squad_inputs.py
+        from bert_mini import squad_inputs  # imports this module
+
+        return squad_inputs.make_squad_inputs(config, tokenizer, shard, position, teacher_logits)
     eval_arrays, eval_rows = _process_zero_first(
         shard, lambda: glue_arrays(config, tokenizer, "validation")
     )

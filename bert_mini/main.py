@@ -2,7 +2,8 @@
 
 Override any config field with ``--config.train.learning_rate=3e-5``; a key that the config does
 not have is an error (configs are locked). Rerunning the same command resumes from the last
-checkpoint in ``--workdir``. Pass ``--jax_distributed`` on every host of a multi-host job.
+checkpoint in ``--workdir``. Multi-host jobs start JAX's distributed runtime through
+``bert_mini.distributed`` (the ``launch/`` scripts set it up; ``--jax_distributed`` forces it).
 """
 
 import logging
@@ -17,7 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and results")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "jax_distributed", False, "call jax.distributed.initialize() (multi-host TPU/GPU jobs)"
+    "jax_distributed",
+    False,
+    "start jax.distributed on every host (also: env BERT_MINI_DISTRIBUTED=1, or auto-detected "
+    "on Cloud TPU, multi-task SLURM and Open MPI; see bert_mini/distributed.py)",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -26,14 +30,15 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import jax
     import tensorflow as tf
 
+    from bert_mini import distributed
+
     tf.config.set_visible_devices([], "GPU")  # TF only feeds data; the accelerators are JAX's
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and TF chatter at INFO
     logging.getLogger("bert_mini").setLevel(logging.INFO)
+    distributed.maybe_initialize(requested=_DISTRIBUTED.value)  # before any JAX computation
+    distributed.log_topology()
     config = _CONFIG.value
     with config.unlocked():
         config.workdir = _WORKDIR.value

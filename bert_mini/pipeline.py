@@ -391,11 +391,12 @@ class Plan:
         return self.shared / f"student_{self.config.pipeline.student}"
 
 
-def _train(stage: ConfigDict, stage_dir: pathlib.Path) -> dict[str, Any]:
+def _train(stage: ConfigDict, stage_dir: pathlib.Path, export: str = "best") -> dict[str, Any]:
+    """Runs a training stage; its output is the ``best/`` dev model, or ``final/`` (pre-training:
+    the paper keeps the last pre-trained model)."""
     results = train.train_and_evaluate(stage, stage_dir)
-    best = stage_dir / "best"
     return {
-        "checkpoint": str(best),
+        "checkpoint": str(stage_dir / export),
         "metrics": results["best"],
         "final_metrics": results["final"],
         "steps": results["steps"],
@@ -415,7 +416,9 @@ def student_stage(plan: Plan) -> dict[str, Any]:
         stage_dir,
         **{"model.variant": config.pipeline.student, "data.data_dir": config.pipeline.data_dir},
     )
-    return run_stage("student", stage_dir, stage.to_dict(), lambda: _train(stage, stage_dir))
+    return run_stage(
+        "student", stage_dir, stage.to_dict(), lambda: _train(stage, stage_dir, "final")
+    )
 
 
 def teacher_stage(plan: Plan) -> dict[str, Any]:

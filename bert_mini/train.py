@@ -8,8 +8,9 @@ dispatched. A NaN or Inf loss stops the run before anything is saved, so the las
 stays the last good one.
 
 Outputs in the workdir: ``checkpoints/`` (Orbax), ``metrics.jsonl``, TensorBoard events in
-``tensorboard/``, ``best/`` (the best dev model, loadable by ``bert_mini.from_pretrained``) and
-``results.json`` (final and best dev metrics, timings, the config).
+``tensorboard/``, ``best/`` (the best dev model, loadable by ``bert_mini.from_pretrained``),
+``final/`` (the model after the last step) and ``results.json`` (final and best dev metrics,
+timings, the config).
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ import os
 import pathlib
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -169,11 +170,22 @@ def _add(total: dict | None, new: dict) -> dict:
 
 
 def evaluate(
-    eval_fn, params, eval_batches: Iterator[dict[str, np.ndarray]], mesh, kind: str, task: str
+    eval_fn,
+    params,
+    eval_batches: Iterator[dict[str, np.ndarray]],
+    mesh,
+    kind: str,
+    task: str,
+    score_spans: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Dev metrics over every example exactly once (padding rows carry ``eval_mask`` = 0)."""
+    """Dev metrics over every example exactly once (padding rows carry ``eval_mask`` = 0).
+
+    Span tasks: ``score_spans`` turns every eval window's start/end logits (in order) into
+    answer texts and EM/F1 (``Inputs.score_spans``, from ``bert_mini.squad_inputs``).
+    """
     sums = None
     predictions, labels = [], []
+    starts, ends = [], []  # span tasks
     for local in eval_batches:
         batch = sharding.global_batch(local, mesh)
         outputs, batch_sums = eval_fn(params, batch)
@@ -184,11 +196,19 @@ def evaluate(
             )
             predictions.append(logits[mask == 1])
             labels.append(label[mask == 1])
+        elif kind == "span" and score_spans is not None:
+            start, end, mask = multihost_utils.process_allgather(
+                (outputs["start_logits"], outputs["end_logits"], batch["eval_mask"]), tiled=True
+            )
+            starts.append(start[mask == 1])
+            ends.append(end[mask == 1])
     results = {f"{name}": value for name, value in _means(sums or {}).items()}
     if predictions:
         results.update(
             metrics.glue_metrics(task, np.concatenate(predictions), np.concatenate(labels))
         )
+    if starts:
+        results.update(score_spans(np.concatenate(starts), np.concatenate(ends)))
     return results
 
 
@@ -197,6 +217,8 @@ def _main_metric(config: ConfigDict, kind: str) -> str:
         return config.eval.best_metric
     if kind == "pretrain":
         return "mlm_accuracy"
+    if kind == "span":  # SQuAD: F1 (a fraction, as GLUE metrics), as BERT's tables report
+        return "f1"
     return metrics.GLUE_MAIN_METRIC[config.data.task]
 
 
@@ -312,7 +334,13 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
                 window_first_step = step
             if data.eval_batches and (step % config.eval.every_steps == 0 or is_last):
                 last_eval = evaluate(
-                    eval_fn, state.params, data.eval_batches(), mesh, kind, config.data.task
+                    eval_fn,
+                    state.params,
+                    data.eval_batches(),
+                    mesh,
+                    kind,
+                    config.data.task,
+                    data.score_spans,
                 )
                 writers.write(step, "eval", last_eval)
                 _log.info("eval step %d: %s", step, _format(last_eval))
@@ -325,11 +353,18 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
                 _fault_injection(step, workdir)
         if data.eval_batches and not last_eval:  # resumed at the end: report the final model
             last_eval = evaluate(
-                eval_fn, state.params, data.eval_batches(), mesh, kind, config.data.task
+                eval_fn,
+                state.params,
+                data.eval_batches(),
+                mesh,
+                kind,
+                config.data.task,
+                data.score_spans,
             )
     finally:
         ckpts.close()
         writers.close()
+    _export(workdir / "final", graphdef, state.params, spec)
     results = {
         "final": last_eval,
         "best": best,
@@ -387,15 +422,19 @@ def _check_finite(
         )
 
 
-def _save_best(workdir: pathlib.Path, graphdef, params, spec: ModelSpec, best: dict) -> None:
+def _export(path: pathlib.Path, graphdef, params, spec: ModelSpec) -> None:
+    """A ``from_pretrained``-loadable copy of the model (atomic: the old one stays until done)."""
     host_params = multihost_utils.process_allgather(params, tiled=True)  # all hosts take part
     if jax.process_index() != 0:
         return
     model = nnx.merge(graphdef, host_params)
-    checkpoints.save_pretrained(
-        model, spec.tokenizer, workdir / "best", "bert_mini", overwrite=True
-    )
-    (workdir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+    checkpoints.save_pretrained(model, spec.tokenizer, path, "bert_mini", overwrite=True)
+
+
+def _save_best(workdir: pathlib.Path, graphdef, params, spec: ModelSpec, best: dict) -> None:
+    _export(workdir / "best", graphdef, params, spec)
+    if jax.process_index() == 0:
+        (workdir / "best.json").write_text(json.dumps(best, indent=2) + "\n")
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ another model size is an error before anything is written.
 """
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -30,7 +31,9 @@ def check_model_record(workdir: pathlib.Path, record: dict[str, Any]) -> None:
     path = workdir / MODEL_RECORD
     if not path.is_file():
         workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # hosts may race: write, rename
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
         return
     saved = json.loads(path.read_text())
     if saved != record:
