@@ -73,6 +73,10 @@ SUBMISSION_FILES = {
 }
 
 
+# GLUE's submission files hold label names for the NLI tasks and label indices elsewhere.
+NAMED_LABELS = {"mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "ax"}
+
+
 class PipelineError(ValueError):
     """A pipeline input that cannot work (caught before any training)."""
 
@@ -364,8 +368,7 @@ def write_test_predictions(
             prediction = f"{float(np.clip(logits_NxC[row, 0], 0.0, 5.0)):.3f}"
         else:
             label = int(np.argmax(logits_NxC[row]))
-            names = task.label_names
-            prediction = names[label] if not names[label].isdigit() else str(label)
+            prediction = task.label_names[label] if task.name in NAMED_LABELS else str(label)
         lines.append(f"{int(arrays['idx'][row])}\t{prediction}")
     path = out_dir / SUBMISSION_FILES.get(task.name, f"{task.name}.tsv")
     if jax.process_index() == 0:
@@ -525,10 +528,10 @@ def _span_logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
         dtype = data_config.distill.teacher_dtype
         model, _ = _load_classifier(teacher_checkpoint, plan.task, dtype=dtype)
         arrays = features.arrays()
+        predict = squad_inputs.make_span_predictor(model, config.pipeline.predict_batch_size)
 
         def logits_of(start: int, stop: int) -> np.ndarray:
-            part = {key: value[start:stop] for key, value in arrays.items()}
-            return squad_inputs.predict_span_logits(model, part, config.pipeline.predict_batch_size)
+            return predict({key: value[start:stop] for key, value in arrays.items()})
 
         manifest = logits_cache.write_cache(
             stage_dir / "cache",

@@ -166,14 +166,16 @@ def split_span_logits(logits_Nx2S: Any) -> tuple[Any, Any]:
     return logits_Nx2S[..., :half], logits_Nx2S[..., half:]
 
 
-def predict_span_logits(
-    model: Any, arrays: Mapping[str, np.ndarray], batch_size: int, multiple: int = 16
-) -> np.ndarray:
-    """The model's ``[N, 2*S]`` span logits over windows, in their order.
+def make_span_predictor(
+    model: Any, batch_size: int, multiple: int = 64
+) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """A function from windows' arrays to the model's ``[N, 2*S]`` span logits, in their order;
+    compiled once per predictor (the cache calls it once per shard).
 
-    Batches are bucketed by length and cut to the longest row (rounded up to ``multiple``);
-    positions outside the attention mask get ``MISSING_LOGIT`` (probability ~0), so the cached
-    teacher distribution never depends on how a batch happened to be padded.
+    Batches are bucketed by length and cut to the longest row, rounded up to ``multiple`` (most
+    windows are full, so few widths, hence few compilations, lose little). Positions outside the
+    attention mask get ``MISSING_LOGIT`` (probability ~0), so the cached teacher distribution
+    never depends on how a batch happened to be padded.
     """
     graphdef, params = nnx.split(model)
 
@@ -182,20 +184,30 @@ def predict_span_logits(
         output = nnx.merge(graphdef, params)(ids_BxS, types_BxS, mask_BxS, deterministic=True)
         return output.start_logits.astype(jnp.float32), output.end_logits.astype(jnp.float32)
 
-    mask_NxS = np.asarray(arrays["attention_mask"])
-    n, seq = mask_NxS.shape
-    out_Nx2xS = np.full((n, 2, seq), logits_cache.MISSING_LOGIT, np.float32)
-    lengths_N = mask_NxS.sum(axis=1)
-    order = np.argsort(lengths_N, kind="stable")
-    for i in range(0, n, batch_size):
-        rows = order[i : i + batch_size]
-        width = min(seq, -(-max(int(lengths_N[rows].max()), 1) // multiple) * multiple)
-        padded = np.pad(rows, (0, batch_size - len(rows)), mode="edge")
-        start, end = forward(params, *(arrays[k][padded, :width] for k in TOKEN_FEATURES))
-        out_Nx2xS[rows, 0, :width] = np.asarray(start)[: len(rows)]
-        out_Nx2xS[rows, 1, :width] = np.asarray(end)[: len(rows)]
-    out_Nx2xS = np.where(mask_NxS[:, None, :] == 1, out_Nx2xS, logits_cache.MISSING_LOGIT)
-    return join_span_logits(out_Nx2xS[:, 0], out_Nx2xS[:, 1])
+    def predict(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        mask_NxS = np.asarray(arrays["attention_mask"])
+        n, seq = mask_NxS.shape
+        out_Nx2xS = np.full((n, 2, seq), logits_cache.MISSING_LOGIT, np.float32)
+        lengths_N = mask_NxS.sum(axis=1)
+        order = np.argsort(lengths_N, kind="stable")
+        for i in range(0, n, batch_size):
+            rows = order[i : i + batch_size]
+            width = min(seq, -(-max(int(lengths_N[rows].max()), 1) // multiple) * multiple)
+            padded = np.pad(rows, (0, batch_size - len(rows)), mode="edge")
+            start, end = forward(params, *(arrays[k][padded, :width] for k in TOKEN_FEATURES))
+            out_Nx2xS[rows, 0, :width] = np.asarray(start)[: len(rows)]
+            out_Nx2xS[rows, 1, :width] = np.asarray(end)[: len(rows)]
+        out_Nx2xS = np.where(mask_NxS[:, None, :] == 1, out_Nx2xS, logits_cache.MISSING_LOGIT)
+        return join_span_logits(out_Nx2xS[:, 0], out_Nx2xS[:, 1])
+
+    return predict
+
+
+def predict_span_logits(
+    model: Any, arrays: Mapping[str, np.ndarray], batch_size: int
+) -> np.ndarray:
+    """``make_span_predictor(model, batch_size)(arrays)``: one pass."""
+    return make_span_predictor(model, batch_size)(arrays)
 
 
 # ----------------------------------------------------------------------------- decoding, metrics

@@ -7,8 +7,12 @@ folder when ``../shared/data`` is missing, so a CI run cannot pass without havin
 
 import os
 
+# 8 fake devices; and a generous collective timeout, because on 2 loaded cores (pytest -n 2 plus
+# subprocess runs) an all-reduce over 8 fake devices can wait past XLA's 40 s default and abort.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8"
+    + " --xla_cpu_collective_call_terminate_timeout_seconds=900"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -29,7 +29,11 @@ STAGES_BEFORE_DISTILL = ("student_L-2_H-128", "teacher", "teacher_logits")
 def _pipeline(workdir: pathlib.Path, data_dir: pathlib.Path, extra_env=None, extra_args=()):
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        # The three runs compile the same steps: share XLA's compilation cache between them.
+        "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "xla_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # 8 devices (conftest)
         "JAX_DEFAULT_MATMUL_PRECISION": "highest",
         "BERT_MINI_DATA": str(data_dir),
         **(extra_env or {}),

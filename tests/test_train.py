@@ -65,7 +65,7 @@ def test_finetune_run_writes_logs_results_best_model_and_checkpoints(tmp_path, d
 def _main(workdir: pathlib.Path, data_dir: pathlib.Path, extra_env=None, extra_args=()):
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # 8 devices (conftest)
         "BERT_MINI_DATA": str(data_dir),
         **(extra_env or {}),
     }
