@@ -205,7 +205,7 @@ def load_pretrained(
     seed: int = 0,
 ) -> tuple[BertModel, BertTokenizer, LoadReport]:
     """``from_pretrained`` plus the load report."""
-    path = downloads.resolve_checkpoint(path)  # a Google release name is downloaded once
+    path = downloads.resolve_if_release(path)  # a Google release name is downloaded once
     source = read_checkpoint(path)
     tokenizer = BertTokenizer.from_pretrained(_tokenizer_dir(path))
     model, report = build_model(

@@ -406,6 +406,22 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get(CACHE_ENV) or "~/.cache/bert_mini").expanduser()
 
 
+def resolve_if_release(path_or_name: str | os.PathLike) -> pathlib.Path:
+    """``resolve_checkpoint`` for release names; anything else is returned as a path unchanged.
+
+    For callers that read the path themselves: a Google TF checkpoint prefix
+    (``.../bert_model.ckpt``) is no file, yet readable, and its reader names what is missing.
+    """
+    path = pathlib.Path(path_or_name)
+    if path.exists():
+        return path
+    try:
+        google_release(os.fspath(path_or_name))
+    except ValueError:
+        return path
+    return resolve_checkpoint(path_or_name)
+
+
 def resolve_checkpoint(
     name_or_path: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,

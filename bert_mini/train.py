@@ -78,11 +78,9 @@ def model_spec(config: ConfigDict) -> ModelSpec:
     dtypes = {"dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
     source = None
     if config.model.init_checkpoint:
-        path = pathlib.Path(config.model.init_checkpoint)
-        try:  # a Google release name is downloaded once
-            path = downloads.resolve_checkpoint(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config.model.init_checkpoint not found: {path}") from None
+        path = downloads.resolve_if_release(config.model.init_checkpoint)  # names: downloaded
+        if not path.exists():
+            raise FileNotFoundError(f"config.model.init_checkpoint not found: {path}")
         source = checkpoints.read_checkpoint(path)
         bert_config = dataclasses.replace(source.config, **dtypes)
         vocab_dir = path if path.is_dir() else path.parent
