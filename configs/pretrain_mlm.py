@@ -15,20 +15,11 @@ KNOWN_ARGS = {"variant", "corpus", "nsp", "runlocal"}
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, KNOWN_ARGS, "configs/pretrain_mlm.py")
-    config = config_lib.base_config()
-    config.mode = "pretrain"
+    config = config_lib.pretrain_config(head="pretraining" if args.get("nsp") else "mlm")
     config.model.variant = str(args.get("variant", "mini"))
-    config.model.head = "pretraining" if args.get("nsp") else "mlm"
     config.data.next_sentence = bool(args.get("nsp", False))
     if "corpus" in args:
         config.data.train_files = str(args["corpus"])
-    config.train.global_batch_size = 256
-    config.train.learning_rate = 1e-4
-    config.train.num_train_steps = 100_000
-    config.train.warmup_proportion = 0.01
-    config.eval.every_steps = 5_000
-    config.eval.global_batch_size = 256
-    config.checkpoint.every_steps = 2_000
     if args.get("runlocal"):
         config.data.train_files = "pretrain/gutenberg/valid.txt.gz"
         config.data.eval_files = "pretrain/wikitext-2-raw/wiki.valid.raw"
