@@ -454,6 +454,34 @@ def _distill_data_config(plan: Plan) -> ConfigDict:
     )
 
 
+def _cache_logits(
+    stage_dir: pathlib.Path,
+    predict: Callable[[dict[str, np.ndarray]], np.ndarray],
+    arrays: dict[str, np.ndarray],
+    settings: dict[str, Any],
+    top_k: int = 0,
+) -> dict[str, Any]:
+    """The teacher's logits over every row of ``arrays``, written shard by shard (resumable)."""
+    num_rows = len(arrays["input_ids"])
+
+    def logits_of(start: int, stop: int) -> np.ndarray:
+        return predict({key: value[start:stop] for key, value in arrays.items()})
+
+    manifest = logits_cache.write_cache(
+        stage_dir / "cache",
+        num_rows,
+        logits_of,
+        shard_size=settings["shard_size"],
+        top_k=top_k,
+        fingerprint_value=logits_cache.fingerprint(settings),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        barrier=lambda: _barrier("teacher_logits"),
+        log=_log.info,
+    )
+    return {"cache": str(stage_dir / "cache"), **manifest}
+
+
 def logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
     if plan.task.head == "span":
         return _span_logits_stage(plan, teacher)
@@ -487,22 +515,7 @@ def logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
         arrays = inputs.transfer_arrays(data_config, tokenizer, examples)
         predict = make_predictor(model, config.pipeline.predict_batch_size)
 
-        def logits_of(start: int, stop: int) -> np.ndarray:
-            return predict({key: value[start:stop] for key, value in arrays.items()})
-
-        manifest = logits_cache.write_cache(
-            stage_dir / "cache",
-            len(examples),
-            logits_of,
-            shard_size=config.pipeline.logits_shard_size,
-            top_k=top_k,
-            fingerprint_value=logits_cache.fingerprint(settings),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            barrier=lambda: _barrier("teacher_logits"),
-            log=_log.info,
-        )
-        return {"cache": str(stage_dir / "cache"), **manifest}
+        return _cache_logits(stage_dir, predict, arrays, settings, top_k)
 
     return run_stage("teacher_logits", stage_dir, settings, compute)
 
@@ -530,21 +543,7 @@ def _span_logits_stage(plan: Plan, teacher: dict[str, Any]) -> dict[str, Any]:
         arrays = features.arrays()
         predict = squad_inputs.make_span_predictor(model, config.pipeline.predict_batch_size)
 
-        def logits_of(start: int, stop: int) -> np.ndarray:
-            return predict({key: value[start:stop] for key, value in arrays.items()})
-
-        manifest = logits_cache.write_cache(
-            stage_dir / "cache",
-            len(features),
-            logits_of,
-            shard_size=config.pipeline.logits_shard_size,
-            fingerprint_value=logits_cache.fingerprint(settings),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            barrier=lambda: _barrier("teacher_logits"),
-            log=_log.info,
-        )
-        return {"cache": str(stage_dir / "cache"), **manifest}
+        return _cache_logits(stage_dir, predict, arrays, settings)
 
     return run_stage("teacher_logits", stage_dir, settings, compute)
 

@@ -297,6 +297,11 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
         train_step = jax.jit(train_fn, out_shardings=(state_shardings, None), donate_argnums=0)
     eval_fn = jax.jit(steps.step_function(kind, "eval", graphdef=graphdef))
 
+    def dev_metrics(params) -> dict[str, float]:
+        return evaluate(
+            eval_fn, params, data.eval_batches(), mesh, kind, config.data.task, data.score_spans
+        )
+
     writers = Writers(workdir)
     best_name = _main_metric(config, kind)
     best: dict[str, Any] = _read_json(workdir / "best.json")
@@ -331,15 +336,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
                 window_start, window_examples, window_tokens = time.time(), 0, 0
                 window_first_step = step
             if data.eval_batches and (step % config.eval.every_steps == 0 or is_last):
-                last_eval = evaluate(
-                    eval_fn,
-                    state.params,
-                    data.eval_batches(),
-                    mesh,
-                    kind,
-                    config.data.task,
-                    data.score_spans,
-                )
+                last_eval = dev_metrics(state.params)
                 writers.write(step, "eval", last_eval)
                 _log.info("eval step %d: %s", step, _format(last_eval))
                 if best_name in last_eval and last_eval[best_name] > best.get(best_name, -math.inf):
@@ -350,15 +347,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[
                 last_saved = step
                 _fault_injection(step, workdir)
         if data.eval_batches and not last_eval:  # resumed at the end: report the final model
-            last_eval = evaluate(
-                eval_fn,
-                state.params,
-                data.eval_batches(),
-                mesh,
-                kind,
-                config.data.task,
-                data.score_spans,
-            )
+            last_eval = dev_metrics(state.params)
     finally:
         ckpts.close()
         writers.close()
