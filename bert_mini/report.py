@@ -84,6 +84,7 @@ def _walk_results(root: str) -> list[str]:
         subfolders[:] = sorted(name for name in subfolders if name not in SKIPPED_DIRS)
         if RESULTS_NAME in files:
             found.append(os.path.join(folder, RESULTS_NAME))
+            subfolders[:] = []  # a run's stage folders hold their own training results.json
     return sorted(found)
 
 
