@@ -18,18 +18,9 @@ KNOWN_ARGS = {"variant"}
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, KNOWN_ARGS, "configs/tpu/v4_8.py")
-    config = config_lib.base_config()
-    config.mode = "pretrain"
+    config = config_lib.pretrain_config()  # BERT's MLM recipe: batch 256, lr 1e-4
     config.model.variant = str(args.get("variant", "mini"))
-    config.model.head = "mlm"
     config.model.dtype = "bfloat16"
-    config.train.global_batch_size = 256
-    config.train.learning_rate = 1e-4
-    config.train.num_train_steps = 100_000
-    config.train.warmup_proportion = 0.01
     config.train.log_every_steps = 100
-    config.eval.every_steps = 5_000
-    config.eval.global_batch_size = 256
-    config.checkpoint.every_steps = 2_000
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 1, 1
     return config
