@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from bert_mini import host_memory
+
 PIPELINE_TARGET = 10.0  # pipeline batches/s over train steps/s
 CORPUS_SPLITS = {
     "valid": ("gutenberg/valid.txt.gz",),
@@ -1008,6 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; bad flags or a missing optional package: one line on stderr, rc 2."""
     try:
         args = parse_args(argv)
+        malloc_tuned = host_memory.keep_freed_memory()  # before JAX / torch start threads
         extra = WHAT_PACKAGES[args.what]
         if args.what == "step" and args.compare and args.step != "distill":
             extra = (*extra, "transformers", "torch")  # transformers first: fails fastest
@@ -1018,6 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError(
                 f"--compare needs torch and transformers (pip install -e '.[test]'): {error}"
             ) from None
+        info["malloc_tuning"] = malloc_tuned
         print(json.dumps(info), flush=True)
         for result in WHAT[args.what](args):
             print(json.dumps(result), flush=True)

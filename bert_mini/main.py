@@ -13,6 +13,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from bert_mini import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Python config file, optionally with an argument: file.py:arg", lock_config=True
 )
@@ -30,6 +32,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    host_memory.keep_freed_memory()  # before TF and JAX start their thread pools
     import tensorflow as tf
 
     from bert_mini import distributed

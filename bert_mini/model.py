@@ -16,6 +16,16 @@ odd shape a checkpoint brings. Design choices, and why:
 - **Masked-LM logits only where asked.** Given ``masked_positions`` [B, P] the MLM head gathers
   those positions first (Google's ``gather_indexes``), so the vocabulary projection costs P rather
   than S rows: for BERT-Tiny at S=128, P=20 this is most of the training FLOPs.
+- **The last layer only where the heads read** (``heads_only=True``, what the train steps use). The
+  pooler and NSP read [CLS], the MLM head the masked positions; every other row of the last
+  layer's queries, attention output and feed-forward block is computed and thrown away by the
+  usual implementations (HF, Google). Keys and values still come from every row, so the rows that
+  are computed hold exactly the values of the full pass; a quarter of BERT-Mini's fine-tuning
+  FLOPs go away.
+- **Cheap dropout masks.** ``Dropout`` draws four 16-bit uniforms from each Threefry block
+  (``nnx.Dropout`` spends a whole block per element) and materialises the mask once, so the
+  backward pass reads it instead of recomputing the random bits: on a CPU the masks cost more
+  than the attention matmuls otherwise.
 """
 
 import dataclasses
@@ -27,6 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.extend import random as jax_random
 
 from bert_mini import config_lib
 
@@ -48,6 +59,7 @@ HEAD_CHOICES: dict[str | None, tuple[str, ...]] = {
 }
 
 _MASK_VALUE = -1e9  # large negative added to attention scores of padding keys (fp32)
+_DROPOUT_LEVELS = 2**16  # dropout compares 16-bit uniforms with round(rate * 2**16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +194,76 @@ def _embed(config: BertConfig, rows: int, axis: str | None, rngs: nnx.Rngs) -> n
     )
 
 
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """uint32 row-major position of every element: an iota the SPMD partitioner can split."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
+    """A boolean keep mask with P(keep) = 1 - round(rate * 2**16) / 2**16.
+
+    Each Threefry-2x32 block (one per 4 elements of the last axis) gives 64 random bits, cut into
+    four 16-bit uniforms; an element is dropped when its uniform is below the threshold. The
+    keep probability is within 2**-17 of ``1 - rate``; ``Dropout`` rescales by the exact one, so
+    the layer stays unbiased. Keys of other PRNG implementations fall back to ``bernoulli``.
+    """
+    threshold = round(rate * _DROPOUT_LEVELS)
+    blocks_shape = (*shape[:-1], -(-shape[-1] // 4)) if shape else ()
+    if (
+        not shape
+        or str(jax.random.key_impl(key)) != "threefry2x32"
+        or math.prod(blocks_shape) >= 2**32
+    ):
+        return jax.random.bernoulli(key, 1.0 - threshold / _DROPOUT_LEVELS, shape)
+    key_words = jax.random.key_data(key)
+    counts = _flat_index(blocks_shape)
+    high_bits, low_bits = jax_random.threefry2x32_p.bind(
+        jnp.broadcast_to(key_words[0], blocks_shape),
+        jnp.broadcast_to(key_words[1], blocks_shape),
+        jnp.zeros(blocks_shape, jnp.uint32),
+        counts,
+    )
+    words = jnp.stack([high_bits, low_bits], axis=-1)  # [..., blocks, 2] uint32
+    uniforms = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., blocks, 2, 2]
+    uniforms = uniforms.reshape(*shape[:-1], -1)[..., : shape[-1]]
+    return uniforms >= threshold
+
+
+class Dropout(nnx.Module):
+    """Inverted dropout (``nnx.Dropout``'s call API) with a cheaper, materialised mask.
+
+    The mask goes through ``optimization_barrier`` so XLA stores it (one byte per element)
+    instead of fusing the random-bit computation into both the forward and the backward pass.
+    """
+
+    def __init__(self, rate: float):
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1], got {rate}")
+        self.rate = rate
+
+    def __call__(
+        self, inputs: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if rngs is None:
+            raise ValueError("dropout needs rngs=nnx.Rngs(dropout=key) when deterministic=False")
+        keep_prob = 1.0 - round(self.rate * _DROPOUT_LEVELS) / _DROPOUT_LEVELS
+        if keep_prob == 0.0:
+            return jnp.zeros_like(inputs)
+        keep = jax.lax.optimization_barrier(
+            dropout_keep_mask(rngs.dropout(), inputs.shape, self.rate)
+        )
+        return jnp.where(keep, inputs / jnp.asarray(keep_prob, inputs.dtype), 0).astype(
+            inputs.dtype
+        )
+
+
 class Embeddings(nnx.Module):
     """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
@@ -191,7 +273,7 @@ class Embeddings(nnx.Module):
         self.position_embeddings = _embed(config, config.max_position_embeddings, None, rngs)
         self.token_type_embeddings = _embed(config, config.type_vocab_size, None, rngs)
         self.layer_norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(
         self,
@@ -227,8 +309,8 @@ class SelfAttention(nnx.Module):
         self.value = _dense(config, hidden, hidden, ("embed", "heads"), rngs)
         self.output = _dense(config, hidden, hidden, ("heads", "embed"), rngs)
         self.layer_norm = _layer_norm(config, rngs)
-        self.attention_dropout = nnx.Dropout(config.attention_probs_dropout_prob)
-        self.output_dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.attention_dropout = Dropout(config.attention_probs_dropout_prob)
+        self.output_dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(
         self,
@@ -236,25 +318,35 @@ class SelfAttention(nnx.Module):
         key_mask_Bx1x1xS: jax.Array,
         deterministic: bool,
         rngs: nnx.Rngs | None,
+        query_positions_BxR: jax.Array | None = None,
     ) -> jax.Array:
+        """[B, S, H] -> [B, S, H]; or [B, R, H] at ``query_positions`` (keys: every row)."""
         batch, seq_len, hidden = hidden_BxSxH.shape
+        queried_BxRxH = (
+            hidden_BxSxH
+            if query_positions_BxR is None
+            else gather_positions(hidden_BxSxH, query_positions_BxR)
+        )
+        rows = queried_BxRxH.shape[1]
+        # Scale the queries rather than the R x S scores: same result, fewer multiplies.
+        query_BxRxNxD = self.query(queried_BxRxH).reshape(
+            batch, rows, self.num_heads, self.head_dim
+        ) / math.sqrt(self.head_dim)
         split = (batch, seq_len, self.num_heads, self.head_dim)
-        # Scale the queries rather than the S x S scores: same result, fewer multiplies.
-        query_BxSxNxD = self.query(hidden_BxSxH).reshape(split) / math.sqrt(self.head_dim)
         key_BxSxNxD = self.key(hidden_BxSxH).reshape(split)
         value_BxSxNxD = self.value(hidden_BxSxH).reshape(split)
-        scores_BxNxSxS = jnp.einsum("bqnd,bknd->bnqk", query_BxSxNxD, key_BxSxNxD)
-        scores_BxNxSxS = jnp.where(
-            key_mask_Bx1x1xS, scores_BxNxSxS.astype(jnp.float32), _MASK_VALUE
+        scores_BxNxRxS = jnp.einsum("bqnd,bknd->bnqk", query_BxRxNxD, key_BxSxNxD)
+        scores_BxNxRxS = jnp.where(
+            key_mask_Bx1x1xS, scores_BxNxRxS.astype(jnp.float32), _MASK_VALUE
         )
-        probs_BxNxSxS = jax.nn.softmax(scores_BxNxSxS, axis=-1).astype(value_BxSxNxD.dtype)
-        probs_BxNxSxS = self.attention_dropout(
-            probs_BxNxSxS, deterministic=deterministic, rngs=rngs
+        probs_BxNxRxS = jax.nn.softmax(scores_BxNxRxS, axis=-1).astype(value_BxSxNxD.dtype)
+        probs_BxNxRxS = self.attention_dropout(
+            probs_BxNxRxS, deterministic=deterministic, rngs=rngs
         )
-        context_BxSxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxSxS, value_BxSxNxD)
-        attended_BxSxH = self.output(context_BxSxNxD.reshape(batch, seq_len, hidden))
-        attended_BxSxH = self.output_dropout(attended_BxSxH, deterministic=deterministic, rngs=rngs)
-        return self.layer_norm(hidden_BxSxH + attended_BxSxH)
+        context_BxRxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxRxS, value_BxSxNxD)
+        attended_BxRxH = self.output(context_BxRxNxD.reshape(batch, rows, hidden))
+        attended_BxRxH = self.output_dropout(attended_BxRxH, deterministic=deterministic, rngs=rngs)
+        return self.layer_norm(queried_BxRxH + attended_BxRxH)
 
 
 class TransformerLayer(nnx.Module):
@@ -267,7 +359,7 @@ class TransformerLayer(nnx.Module):
         self.intermediate = _dense(config, hidden, ffn, ("embed", "mlp"), rngs)
         self.output = _dense(config, ffn, hidden, ("mlp", "embed"), rngs)
         self.output_layer_norm = _layer_norm(config, rngs)
-        self.output_dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.output_dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(
         self,
@@ -275,13 +367,17 @@ class TransformerLayer(nnx.Module):
         key_mask_Bx1x1xS: jax.Array,
         deterministic: bool,
         rngs: nnx.Rngs | None,
+        query_positions_BxR: jax.Array | None = None,
     ) -> jax.Array:
-        attended_BxSxH = self.attention(hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs)
-        ffn_BxSxF = self.activation(self.intermediate(attended_BxSxH))
-        ffn_BxSxH = self.output_dropout(
-            self.output(ffn_BxSxF), deterministic=deterministic, rngs=rngs
+        """[B, S, H] -> [B, S, H]; or [B, R, H] at ``query_positions`` (see ``SelfAttention``)."""
+        attended_BxRxH = self.attention(
+            hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs, query_positions_BxR
         )
-        return self.output_layer_norm(attended_BxSxH + ffn_BxSxH)
+        ffn_BxRxF = self.activation(self.intermediate(attended_BxRxH))
+        ffn_BxRxH = self.output_dropout(
+            self.output(ffn_BxRxF), deterministic=deterministic, rngs=rngs
+        )
+        return self.output_layer_norm(attended_BxRxH + ffn_BxRxH)
 
 
 class MaskedLMHead(nnx.Module):
@@ -313,6 +409,11 @@ class BertModel(nnx.Module):
     Call with ``input_ids`` [B, S] (and optionally ``token_type_ids``, ``attention_mask`` with 1
     for real tokens, ``masked_positions`` [B, P] for the MLM head). Pass ``deterministic=False``
     and ``rngs=nnx.Rngs(dropout=key)`` to train with dropout.
+
+    ``heads_only=True`` computes the last layer only at the rows the heads read: [CLS], then the
+    masked positions when the MLM head has them. The head outputs are those of the full pass;
+    ``sequence_output`` is then [B, R, H] at those rows. A span head, or an MLM head without
+    ``masked_positions``, reads every row, and the flag changes nothing.
     """
 
     def __init__(
@@ -350,7 +451,7 @@ class BertModel(nnx.Module):
         self.span_head = (
             _dense(config, hidden, 2, ("embed", None), rngs) if "span" in self.heads else None
         )
-        self.classifier_dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.classifier_dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(
         self,
@@ -361,6 +462,7 @@ class BertModel(nnx.Module):
         *,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        heads_only: bool = False,
     ) -> BertOutput:
         input_ids_BxS = jnp.asarray(input_ids)
         if input_ids_BxS.ndim != 2:
@@ -378,18 +480,27 @@ class BertModel(nnx.Module):
                 )
         key_mask_Bx1x1xS = (mask_BxS > 0)[:, None, None, :]
 
+        head_rows_BxR = (
+            self._head_rows(input_ids_BxS.shape[0], masked_positions) if heads_only else None
+        )
+
         hidden_BxSxH = self.embeddings(input_ids_BxS, token_type_ids_BxS, deterministic, rngs)
-        for layer in self.layers:
-            hidden_BxSxH = layer(hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs)
+        if head_rows_BxR is not None and not self.layers:
+            hidden_BxSxH = gather_positions(hidden_BxSxH, head_rows_BxR)
+        for index, layer in enumerate(self.layers):
+            last = index == len(self.layers) - 1
+            rows_BxR = head_rows_BxR if last else None
+            hidden_BxSxH = layer(hidden_BxSxH, key_mask_Bx1x1xS, deterministic, rngs, rows_BxR)
         pooled_BxH = jnp.tanh(self.pooler(hidden_BxSxH[:, 0]))
 
         outputs: dict[str, jax.Array] = {}
         if self.mlm_head is not None:
-            at_masks = (
-                hidden_BxSxH
-                if masked_positions is None
-                else gather_positions(hidden_BxSxH, jnp.asarray(masked_positions))
-            )
+            if head_rows_BxR is not None:  # rows 1.. are the masked positions, in order
+                at_masks = hidden_BxSxH[:, 1:]
+            elif masked_positions is None:
+                at_masks = hidden_BxSxH
+            else:
+                at_masks = gather_positions(hidden_BxSxH, jnp.asarray(masked_positions))
             outputs["mlm_logits"] = self.mlm_head(at_masks, self.embeddings.word_embeddings)
         if self.nsp_head is not None:
             outputs["nsp_logits"] = self.nsp_head(pooled_BxH).astype(jnp.float32)
@@ -403,6 +514,16 @@ class BertModel(nnx.Module):
             outputs["start_logits"] = span_BxSx2[..., 0]
             outputs["end_logits"] = span_BxSx2[..., 1]
         return BertOutput(sequence_output=hidden_BxSxH, pooled_output=pooled_BxH, **outputs)
+
+
+    def _head_rows(self, batch: int, masked_positions: jax.Array | None) -> jax.Array | None:
+        """[B, R] rows the heads read ([CLS] first), or None when they read every row."""
+        if self.span_head is not None or (self.mlm_head is not None and masked_positions is None):
+            return None
+        cls_Bx1 = jnp.zeros((batch, 1), jnp.int32)
+        if self.mlm_head is None:
+            return cls_Bx1
+        return jnp.concatenate([cls_Bx1, jnp.asarray(masked_positions, jnp.int32)], axis=1)
 
 
 def create_model(

@@ -62,6 +62,7 @@ def _forward(
     dropout_key: jax.Array | None = None,
     with_masks: bool = False,
 ) -> BertOutput:
+    """The model's outputs; the last layer runs only at the rows the heads read (same values)."""
     model = nnx.merge(graphdef, params)
     return model(
         batch["input_ids"],
@@ -70,6 +71,7 @@ def _forward(
         batch["masked_positions"] if with_masks else None,
         deterministic=not train,
         rngs=nnx.Rngs(dropout=dropout_key) if train else None,
+        heads_only=True,
     )
 
 
