@@ -41,8 +41,18 @@ from jax.extend import random as jax_random
 
 from bert_mini import config_lib
 
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """The exact GELU ``x/2 (1 + erf(x/sqrt 2))``, written as HF writes it.
+
+    ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, whose exponential costs a fused
+    pass of its own on a CPU; ``erf`` is one rational polynomial.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact erf form (HF "gelu")
+    "gelu": gelu_erf,  # exact erf form (HF "gelu")
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # Google's BERT code, HF "gelu_new"
     "relu": jax.nn.relu,
 }
@@ -207,10 +217,12 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
 def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """A boolean keep mask with P(keep) = 1 - round(rate * 2**16) / 2**16.
 
-    Each Threefry-2x32 block (one per 4 elements of the last axis) gives 64 random bits, cut into
-    four 16-bit uniforms; an element is dropped when its uniform is below the threshold. The
-    keep probability is within 2**-17 of ``1 - rate``; ``Dropout`` rescales by the exact one, so
-    the layer stays unbiased. Keys of other PRNG implementations fall back to ``bernoulli``.
+    Each Threefry-2x32 block gives 64 random bits, cut into four 16-bit uniforms: block ``j`` of
+    a row feeds elements ``j``, ``j + n/4``, ``j + n/2`` and ``j + 3n/4`` of its last axis (four
+    contiguous quarters, which XLA fuses into the consumer without a copy). An element is
+    dropped when its uniform is below the threshold. The keep probability is within 2**-17 of
+    ``1 - rate``; ``Dropout`` rescales by the exact one, so the layer stays unbiased. Keys of
+    other PRNG implementations fall back to ``bernoulli``.
     """
     threshold = round(rate * _DROPOUT_LEVELS)
     blocks_shape = (*shape[:-1], -(-shape[-1] // 4)) if shape else ()
@@ -221,15 +233,18 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     ):
         return jax.random.bernoulli(key, 1.0 - threshold / _DROPOUT_LEVELS, shape)
     key_words = jax.random.key_data(key)
-    counts = _flat_index(blocks_shape)
     high_bits, low_bits = jax_random.threefry2x32_p.bind(
         jnp.broadcast_to(key_words[0], blocks_shape),
         jnp.broadcast_to(key_words[1], blocks_shape),
         jnp.zeros(blocks_shape, jnp.uint32),
-        counts,
+        _flat_index(blocks_shape),
     )
-    words = jnp.stack([high_bits, low_bits], axis=-1)  # [..., blocks, 2] uint32
-    uniforms = jax.lax.bitcast_convert_type(words, jnp.uint16)  # [..., blocks, 2, 2]
+    # Quarter q of the last axis reads word (high, high, low, low)[q], half (low, high)[q % 2]:
+    # broadcasts, selects and shifts only, so XLA fuses it all into the mask's consumers.
+    tiled_shape = (*blocks_shape[:-1], 4, blocks_shape[-1])
+    quarter = jax.lax.broadcasted_iota(jnp.uint32, tiled_shape, len(tiled_shape) - 2)
+    words = jnp.where(quarter < 2, high_bits[..., None, :], low_bits[..., None, :])
+    uniforms = (words >> (16 * (quarter & 1))) & jnp.uint32(0xFFFF)
     uniforms = uniforms.reshape(*shape[:-1], -1)[..., : shape[-1]]
     return uniforms >= threshold
 
@@ -328,23 +343,27 @@ class SelfAttention(nnx.Module):
             else gather_positions(hidden_BxSxH, query_positions_BxR)
         )
         rows = queried_BxRxH.shape[1]
+
+        def heads_first(projected_BxTxH: jax.Array) -> jax.Array:
+            """[B, T, H] -> [B, N, T, D]: each head's rows contiguous for the batched matmuls."""
+            split = projected_BxTxH.reshape(batch, -1, self.num_heads, self.head_dim)
+            return split.transpose(0, 2, 1, 3)
+
         # Scale the queries rather than the R x S scores: same result, fewer multiplies.
-        query_BxRxNxD = self.query(queried_BxRxH).reshape(
-            batch, rows, self.num_heads, self.head_dim
-        ) / math.sqrt(self.head_dim)
-        split = (batch, seq_len, self.num_heads, self.head_dim)
-        key_BxSxNxD = self.key(hidden_BxSxH).reshape(split)
-        value_BxSxNxD = self.value(hidden_BxSxH).reshape(split)
-        scores_BxNxRxS = jnp.einsum("bqnd,bknd->bnqk", query_BxRxNxD, key_BxSxNxD)
+        query_BxNxRxD = heads_first(self.query(queried_BxRxH)) / math.sqrt(self.head_dim)
+        key_BxNxSxD = heads_first(self.key(hidden_BxSxH))
+        value_BxNxSxD = heads_first(self.value(hidden_BxSxH))
+        scores_BxNxRxS = jnp.einsum("bnqd,bnkd->bnqk", query_BxNxRxD, key_BxNxSxD)
         scores_BxNxRxS = jnp.where(
             key_mask_Bx1x1xS, scores_BxNxRxS.astype(jnp.float32), _MASK_VALUE
         )
-        probs_BxNxRxS = jax.nn.softmax(scores_BxNxRxS, axis=-1).astype(value_BxSxNxD.dtype)
+        probs_BxNxRxS = jax.nn.softmax(scores_BxNxRxS, axis=-1).astype(value_BxNxSxD.dtype)
         probs_BxNxRxS = self.attention_dropout(
             probs_BxNxRxS, deterministic=deterministic, rngs=rngs
         )
-        context_BxRxNxD = jnp.einsum("bnqk,bknd->bqnd", probs_BxNxRxS, value_BxSxNxD)
-        attended_BxRxH = self.output(context_BxRxNxD.reshape(batch, rows, hidden))
+        context_BxNxRxD = jnp.einsum("bnqk,bnkd->bnqd", probs_BxNxRxS, value_BxNxSxD)
+        context_BxRxH = context_BxNxRxD.transpose(0, 2, 1, 3).reshape(batch, rows, hidden)
+        attended_BxRxH = self.output(context_BxRxH)
         attended_BxRxH = self.output_dropout(attended_BxRxH, deterministic=deterministic, rngs=rngs)
         return self.layer_norm(queried_BxRxH + attended_BxRxH)
 
@@ -394,8 +413,48 @@ class MaskedLMHead(nnx.Module):
 
     def __call__(self, hidden_BxPxH: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
         transformed_BxPxH = self.layer_norm(self.activation(self.transform(hidden_BxPxH)))
-        logits_BxPxV = word_embeddings.attend(transformed_BxPxH).astype(jnp.float32)
-        return logits_BxPxV + self.bias[...].astype(jnp.float32)
+        *leading, hidden = transformed_BxPxH.shape
+        dtype = transformed_BxPxH.dtype
+        logits_NxV = tied_decoder(
+            transformed_BxPxH.reshape(-1, hidden),
+            word_embeddings.embedding[...].astype(dtype),
+            self.bias[...].astype(jnp.float32),
+        )
+        return logits_NxV.reshape(*leading, -1)
+
+
+@jax.custom_vjp
+def tied_decoder(hidden_NxH: jax.Array, embedding_VxH: jax.Array, bias_V: jax.Array) -> jax.Array:
+    """float32 vocabulary logits ``hidden @ embedding^T + bias``, with a CPU-friendly backward.
+
+    The gradients are the usual ones, in another order of operations: the bias gradient (a
+    sum over the N rows) is a ones-row matmul, and the embedding gradient is computed as
+    ``(hidden^T @ dlogits)^T``. XLA's CPU backend otherwise sums the [N, V] logit gradient
+    down its major axis (30x slower than the matmul) and transposes all of it (N x V floats)
+    for ``dlogits^T @ hidden``; together more than a sixth of a BERT-Mini MLM step.
+    """
+    return (hidden_NxH @ embedding_VxH.T).astype(jnp.float32) + bias_V
+
+
+def _tied_decoder_forward(
+    hidden_NxH: jax.Array, embedding_VxH: jax.Array, bias_V: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return tied_decoder(hidden_NxH, embedding_VxH, bias_V), (hidden_NxH, embedding_VxH)
+
+
+def _tied_decoder_backward(
+    residuals: tuple[jax.Array, jax.Array], dlogits_NxV: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    hidden_NxH, embedding_VxH = residuals
+    dlogits_in_dtype = dlogits_NxV.astype(hidden_NxH.dtype)
+    dhidden_NxH = dlogits_in_dtype @ embedding_VxH
+    dembedding_VxH = (hidden_NxH.T @ dlogits_in_dtype).T
+    ones_1xN = jnp.ones((1, dlogits_NxV.shape[0]), dlogits_NxV.dtype)
+    dbias_V = (ones_1xN @ dlogits_NxV)[0]
+    return dhidden_NxH, dembedding_VxH.astype(embedding_VxH.dtype), dbias_V
+
+
+tied_decoder.defvjp(_tied_decoder_forward, _tied_decoder_backward)
 
 
 def gather_positions(sequence_BxSxH: jax.Array, positions_BxP: jax.Array) -> jax.Array:
@@ -514,7 +573,6 @@ class BertModel(nnx.Module):
             outputs["start_logits"] = span_BxSx2[..., 0]
             outputs["end_logits"] = span_BxSx2[..., 1]
         return BertOutput(sequence_output=hidden_BxSxH, pooled_output=pooled_BxH, **outputs)
-
 
     def _head_rows(self, batch: int, masked_positions: jax.Array | None) -> jax.Array | None:
         """[B, R] rows the heads read ([CLS] first), or None when they read every row."""
