@@ -181,18 +181,29 @@ def train_flops(
 ) -> int:
     """Model FLOPs of one training step (forward + backward = 3x the forward's 2 FLOPs/MAC).
 
-    6 x non-embedding encoder params x tokens, plus attention (QK^T and PV: 4 S H FLOPs per token
-    and layer forward, so 12 L S H per token for the step), plus the head on the rows it really
-    sees: pooler + classifier on [CLS] (finetune, distill), or the MLM transform, LayerNorm and
-    tied vocabulary decoder at the ``predictions`` masked positions only (pretrain). Embedding
-    lookups and elementwise work (softmax, GELU, dropout, the optimizer) are not model FLOPs.
+    The work the step needs: every layer but the last on every token (6 x non-embedding layer
+    params x tokens, plus attention, 12 S H FLOPs per token and layer); the last layer's keys and
+    values on every token but the rest of it only on the rows the heads read ([CLS], plus the
+    ``predictions`` masked positions for pretrain: what ``heads_only`` computes); then the head:
+    pooler + classifier on [CLS] (finetune, distill), or the MLM transform, LayerNorm and tied
+    vocabulary decoder at the masked positions (pretrain). The same count divides every side of
+    a comparison, so an implementation that computes rows nobody reads gets no credit for them.
+    Embedding lookups and elementwise work (softmax, GELU, dropout, the optimizer) are not model
+    FLOPs.
     """
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose one of {list(STEPS)}")
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     tokens = batch * seq
-    encoder = 6 * layers * encoder_layer_params(config) * tokens
-    attention = 12 * layers * seq * hidden * tokens
+    head_rows = batch * (1 + predictions if step == "pretrain" else 1)
+    layer_params = encoder_layer_params(config)
+    key_value_params = 2 * (hidden * hidden + hidden)
+    full_layers = max(layers - 1, 0)
+    encoder = 6 * full_layers * layer_params * tokens
+    attention = 12 * full_layers * seq * hidden * tokens
+    if layers:
+        encoder += 6 * (key_value_params * tokens + (layer_params - key_value_params) * head_rows)
+        attention += 12 * seq * hidden * head_rows
     if step == "pretrain":
         head_params = (hidden * hidden + hidden) + 2 * hidden + (hidden * vocab + vocab)
         head = 6 * head_params * batch * predictions

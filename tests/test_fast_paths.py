@@ -1,0 +1,172 @@
+"""The speed paths compute what the plain ones do: heads-only last layer, dropout masks, the tied
+MLM decoder's backward, the erf GELU and the malloc settings."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bert_mini import host_memory, model
+from bert_mini.model import BertConfig, create_model
+
+ODD = BertConfig(
+    vocab_size=97,
+    hidden_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=3,
+    intermediate_size=40,
+    max_position_embeddings=32,
+)
+
+
+def _inputs(seed: int = 0, batch: int = 3, seq: int = 11, predictions: int = 4):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, ODD.vocab_size, (batch, seq), dtype=np.int32)
+    mask = np.ones((batch, seq), np.int32)
+    mask[1, 7:] = 0  # a padded row: its keys are masked in every layer, heads-only included
+    types = np.zeros((batch, seq), np.int32)
+    types[:, seq // 2 :] = 1
+    positions = np.stack(
+        [np.sort(rng.choice(np.arange(1, 7), predictions, replace=False)) for _ in range(batch)]
+    ).astype(np.int32)
+    return ids, types, mask, positions
+
+
+@pytest.mark.parametrize("head", ["classification", "regression", "pretraining"])
+def test_heads_only_gives_the_full_pass_outputs(head):
+    bert = create_model(ODD, head=head, num_labels=3, seed=1)
+    ids, types, mask, positions = _inputs()
+    full = bert(ids, types, mask, positions)
+    fast = bert(ids, types, mask, positions, heads_only=True)
+    for name in ("pooled_output", "logits", "mlm_logits", "nsp_logits"):
+        if getattr(full, name) is not None:
+            np.testing.assert_allclose(getattr(fast, name), getattr(full, name), atol=2e-6)
+    rows = 1 + (positions.shape[1] if head == "pretraining" else 0)
+    assert fast.sequence_output.shape == (3, rows, ODD.hidden_size)
+    np.testing.assert_allclose(fast.sequence_output[:, 0], full.sequence_output[:, 0], atol=2e-6)
+    if head == "pretraining":
+        at_masks = model.gather_positions(full.sequence_output, jnp.asarray(positions))
+        np.testing.assert_allclose(fast.sequence_output[:, 1:], at_masks, atol=2e-6)
+
+
+def test_heads_only_gradients_match_the_full_pass():
+    bert = create_model(ODD, head="pretraining", seed=2)
+    graphdef, params = nnx.split(bert)
+    ids, types, mask, positions = _inputs(seed=3)
+
+    def loss(params, heads_only):
+        out = nnx.merge(graphdef, params)(ids, types, mask, positions, heads_only=heads_only)
+        return jnp.sum(out.mlm_logits**2) * 1e-3 + jnp.sum(out.nsp_logits)
+
+    full = jax.grad(loss)(params, False)
+    fast = jax.grad(loss)(params, True)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(fast), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_heads_only_changes_nothing_when_heads_read_every_row():
+    ids, types, mask, positions = _inputs()
+    span = create_model(ODD, head="span", seed=0)
+    assert span(ids, types, mask, heads_only=True).sequence_output.shape == (3, 11, 24)
+    mlm = create_model(ODD, head="mlm", seed=0)  # no masked positions: logits at every row
+    assert mlm(ids, types, mask, heads_only=True).mlm_logits.shape == (3, 11, ODD.vocab_size)
+
+
+def test_dropout_mask_rate_scale_and_independence():
+    rate = 0.1
+    shape = (64, 4, 128, 128)  # 4.2M elements: the rate is checked to ~5 standard deviations
+    keep = np.asarray(model.dropout_keep_mask(jax.random.key(7), shape, rate))
+    keep_prob = 1 - round(rate * 2**16) / 2**16
+    assert abs(keep.mean() - keep_prob) < 5 * np.sqrt(keep_prob * (1 - keep_prob) / keep.size)
+    # The four 16-bit uniforms of one Threefry block feed elements j, j+n/4, j+n/2, j+3n/4:
+    # pairs of them are dropped together as often as independent draws would be.
+    quarters = keep.reshape(-1, 4, 32)
+    for a, b in ((0, 1), (0, 2), (1, 3), (2, 3)):
+        both_dropped = np.mean(~quarters[:, a] & ~quarters[:, b])
+        assert abs(both_dropped - (1 - keep_prob) ** 2) < 0.002
+    # Neighbouring elements in a row come from different blocks: also independent.
+    assert abs(np.mean(~keep[..., :-1] & ~keep[..., 1:]) - (1 - keep_prob) ** 2) < 0.002
+    assert not np.array_equal(
+        keep, np.asarray(model.dropout_keep_mask(jax.random.key(8), shape, rate))
+    )
+    np.testing.assert_array_equal(keep, model.dropout_keep_mask(jax.random.key(7), shape, rate))
+
+
+def test_dropout_layer_is_unbiased_and_handles_every_shape():
+    layer = model.Dropout(0.1)
+    ones = jnp.ones((256, 1000))
+    out = layer(ones, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    kept = np.asarray(out) != 0
+    keep_prob = 1 - round(0.1 * 2**16) / 2**16
+    np.testing.assert_allclose(np.asarray(out)[kept], 1 / keep_prob, rtol=1e-6)
+    assert abs(float(out.mean()) - 1.0) < 0.01
+    odd = layer(jnp.ones((3, 7, 5)), deterministic=False, rngs=nnx.Rngs(dropout=1))
+    assert odd.shape == (3, 7, 5)  # a last axis that is not a multiple of 4
+    np.testing.assert_array_equal(layer(ones, deterministic=True), ones)
+    np.testing.assert_array_equal(
+        model.Dropout(1.0)(ones, deterministic=False, rngs=nnx.Rngs(dropout=0)), 0 * ones
+    )
+    rbg = nnx.Rngs(dropout=jax.random.key(0, impl="rbg"))  # other PRNGs: bernoulli fallback
+    assert 0.85 < float(jnp.mean(layer(ones, deterministic=False, rngs=rbg) != 0)) < 0.95
+    with pytest.raises(ValueError, match="dropout needs rngs"):
+        layer(ones, deterministic=False)
+    with pytest.raises(ValueError, match="dropout rate must be in"):
+        model.Dropout(1.5)
+
+
+def test_tied_decoder_gradients_equal_autodiff_of_the_plain_formula():
+    keys = jax.random.split(jax.random.key(0), 4)
+    hidden = jax.random.normal(keys[0], (10, 24))
+    embedding = jax.random.normal(keys[1], (97, 24))
+    bias = jax.random.normal(keys[2], (97,))
+    weights = jax.random.normal(keys[3], (10, 97))
+
+    def plain(h, e, b):
+        return jnp.sum(weights * jnp.tanh(h @ e.T + b))
+
+    def fast(h, e, b):
+        return jnp.sum(weights * jnp.tanh(model.tied_decoder(h, e, b)))
+
+    np.testing.assert_allclose(fast(hidden, embedding, bias), plain(hidden, embedding, bias))
+    for a, b in zip(
+        jax.grad(plain, argnums=(0, 1, 2))(hidden, embedding, bias),
+        jax.grad(fast, argnums=(0, 1, 2))(hidden, embedding, bias),
+        strict=True,
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_erf_gelu_is_the_exact_gelu():
+    x = jnp.linspace(-12.0, 12.0, 10001)
+    np.testing.assert_allclose(model.gelu_erf(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(jax.grad(model.gelu_erf))(x),
+        jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x),
+        atol=1e-6,
+    )
+
+
+def _malloc_in_subprocess(value: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != host_memory.ENV_SWITCH}
+    if value is not None:
+        env[host_memory.ENV_SWITCH] = value
+    code = "from bert_mini import host_memory; print(host_memory.keep_freed_memory())"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off():
+    on = _malloc_in_subprocess(None)
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.strip() == ("True" if os.uname().sysname == "Linux" else "False")
+    off = _malloc_in_subprocess("0")
+    assert off.stdout.strip() == "False"
+    bad = _malloc_in_subprocess("yes")
+    assert bad.returncode != 0
+    assert "BERT_MINI_MALLOC_TUNING='yes': use 1 (tune, the default) or 0" in bad.stderr
