@@ -37,7 +37,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.extend import random as jax_random
 
 from bert_mini import config_lib
 
@@ -214,6 +213,29 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
     return index
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(
+    key_0: jax.Array, key_1: jax.Array, count_0: jax.Array, count_1: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 (20 rounds), unrolled, elementwise: the bits of ``threefry2x32_p``.
+
+    JAX lowers its primitive on CPU as a 5-trip while loop, which XLA cannot fuse and which
+    copies its state every trip; unrolled, the hash fuses into the ops that read the bits.
+    """
+    keys = (key_0, key_1, key_0 ^ key_1 ^ jnp.uint32(0x1BD11BDA))
+    x = [count_0 + keys[0], count_1 + keys[1]]
+    for block in range(5):
+        for rotation in _THREEFRY_ROTATIONS[block % 2]:
+            x[0] = x[0] + x[1]
+            x[1] = (x[1] << rotation) | (x[1] >> (32 - rotation))
+            x[1] = x[0] ^ x[1]
+        x[0] = x[0] + keys[(block + 1) % 3]
+        x[1] = x[1] + keys[(block + 2) % 3] + jnp.uint32(block + 1)
+    return x[0], x[1]
+
+
 def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """A boolean keep mask with P(keep) = 1 - round(rate * 2**16) / 2**16.
 
@@ -233,11 +255,8 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
     ):
         return jax.random.bernoulli(key, 1.0 - threshold / _DROPOUT_LEVELS, shape)
     key_words = jax.random.key_data(key)
-    high_bits, low_bits = jax_random.threefry2x32_p.bind(
-        jnp.broadcast_to(key_words[0], blocks_shape),
-        jnp.broadcast_to(key_words[1], blocks_shape),
-        jnp.zeros(blocks_shape, jnp.uint32),
-        _flat_index(blocks_shape),
+    high_bits, low_bits = threefry2x32(
+        key_words[0], key_words[1], jnp.zeros(blocks_shape, jnp.uint32), _flat_index(blocks_shape)
     )
     # Quarter q of the last axis reads word (high, high, low, low)[q], half (low, high)[q % 2]:
     # broadcasts, selects and shifts only, so XLA fuses it all into the mask's consumers.

@@ -170,3 +170,16 @@ def test_malloc_tuning_applies_on_glibc_and_can_be_switched_off():
     bad = _malloc_in_subprocess("yes")
     assert bad.returncode != 0
     assert "BERT_MINI_MALLOC_TUNING='yes': use 1 (tune, the default) or 0" in bad.stderr
+
+
+def test_unrolled_threefry_is_bitwise_jax_threefry():
+    from jax.extend import random as jax_random
+
+    words = jax.random.key_data(jax.random.key(1234))
+    counts = (jnp.arange(999, dtype=jnp.uint32) * 7919, jnp.arange(999, dtype=jnp.uint32))
+    expected = jax_random.threefry2x32_p.bind(
+        jnp.broadcast_to(words[0], (999,)), jnp.broadcast_to(words[1], (999,)), *counts
+    )
+    got = jax.jit(model.threefry2x32)(words[0], words[1], *counts)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
