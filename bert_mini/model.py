@@ -447,7 +447,8 @@ def tied_decoder(hidden_NxH: jax.Array, embedding_VxH: jax.Array, bias_V: jax.Ar
     sum over the N rows) is a ones-row matmul, and the embedding gradient is computed as
     ``(hidden^T @ dlogits)^T``. XLA's CPU backend otherwise sums the [N, V] logit gradient
     down its major axis (30x slower than the matmul) and transposes all of it (N x V floats)
-    for ``dlogits^T @ hidden``; together more than a sixth of a BERT-Mini MLM step.
+    for ``dlogits^T @ hidden``: together about 0.2 s of a 1.7 s BERT-Mini MLM step (batch 32,
+    20 predictions) on a 2-core CPU.
     """
     return (hidden_NxH @ embedding_VxH.T).astype(jnp.float32) + bias_V
 
