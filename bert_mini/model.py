@@ -235,6 +235,11 @@ def threefry2x32(
     return x[0], x[1]
 
 
+def dropout_keep_probability(rate: float) -> float:
+    """The exact keep probability of ``dropout_keep_mask``'s 16-bit threshold."""
+    return 1.0 - round(rate * _DROPOUT_LEVELS) / _DROPOUT_LEVELS
+
+
 def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """A boolean keep mask with P(keep) = 1 - round(rate * 2**16) / 2**16.
 
@@ -252,7 +257,7 @@ def dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> ja
         or str(jax.random.key_impl(key)) != "threefry2x32"
         or math.prod(blocks_shape) >= 2**32
     ):
-        return jax.random.bernoulli(key, 1.0 - threshold / _DROPOUT_LEVELS, shape)
+        return jax.random.bernoulli(key, dropout_keep_probability(rate), shape)
     key_words = jax.random.key_data(key)
     high_bits, low_bits = threefry2x32(
         key_words[0], key_words[1], jnp.zeros(blocks_shape, jnp.uint32), _flat_index(blocks_shape)
@@ -286,7 +291,7 @@ class Dropout(nnx.Module):
             return inputs
         if rngs is None:
             raise ValueError("dropout needs rngs=nnx.Rngs(dropout=key) when deterministic=False")
-        keep_prob = 1.0 - round(self.rate * _DROPOUT_LEVELS) / _DROPOUT_LEVELS
+        keep_prob = dropout_keep_probability(self.rate)
         if keep_prob == 0.0:
             return jnp.zeros_like(inputs)
         keep = dropout_keep_mask(rngs.dropout(), inputs.shape, self.rate)
