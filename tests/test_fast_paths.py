@@ -1,5 +1,5 @@
 """The speed paths compute what the plain ones do: heads-only last layer, dropout masks, the tied
-MLM decoder's backward, the erf GELU and the malloc settings."""
+MLM decoder's and the dense layers' backward, the erf GELU and the malloc settings."""
 
 import os
 import subprocess
@@ -139,6 +139,72 @@ def test_tied_decoder_gradients_equal_autodiff_of_the_plain_formula():
         strict=True,
     ):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features", [(24, 40), (40, 24), (24, 24)])
+def test_dense_matmul_gradients_equal_autodiff_of_the_plain_formula(features):
+    """Both orders of the kernel gradient (wider output, wider input) and the square case."""
+    in_features, out_features = features
+    keys = jax.random.split(jax.random.key(1), 3)
+    inputs = jax.random.normal(keys[0], (3, 7, in_features))
+    kernel = jax.random.normal(keys[1], (in_features, out_features))
+    weights = jax.random.normal(keys[2], (3, 7, out_features))
+    numbers = (((2,), (0,)), ((), ()))
+
+    def plain(x, w):
+        return jnp.sum(weights * jnp.tanh(jnp.einsum("bsi,io->bso", x, w)))
+
+    def fast(x, w):
+        return jnp.sum(weights * jnp.tanh(model.dense_dot_general(x, w, numbers)))
+
+    np.testing.assert_allclose(fast(inputs, kernel), plain(inputs, kernel), rtol=1e-6)
+    for a, b in zip(
+        jax.grad(plain, argnums=(0, 1))(inputs, kernel),
+        jax.grad(fast, argnums=(0, 1))(inputs, kernel),
+        strict=True,
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    left, right = inputs.reshape(-1, in_features), weights.reshape(-1, out_features)
+    np.testing.assert_allclose(
+        model.summed_outer_products(left, right), left.T @ right, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_dense_dot_general_passes_other_contractions_to_lax():
+    """A non-standard call (other axes, precision, output type) is plain ``lax.dot_general``."""
+    keys = jax.random.split(jax.random.key(2), 2)
+    lhs = jax.random.normal(keys[0], (5, 6))
+    rhs = jax.random.normal(keys[1], (4, 6))
+    numbers = (((1,), (1,)), ((), ()))
+    np.testing.assert_array_equal(
+        model.dense_dot_general(lhs, rhs, numbers), jax.lax.dot_general(lhs, rhs, numbers)
+    )
+    square = jax.random.normal(keys[1], (6, 6))
+    standard = (((1,), (0,)), ((), ()))
+    np.testing.assert_array_equal(
+        model.dense_dot_general(
+            lhs,
+            square,
+            standard,
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        ),
+        jax.lax.dot_general(
+            lhs,
+            square,
+            standard,
+            precision=jax.lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32,
+        ),
+    )
+
+
+def test_model_dense_layers_use_the_fast_matmul():
+    """Every ``nnx.Linear`` of the model routes through ``dense_dot_general``."""
+    built = create_model(ODD, "pretraining", 2, 0)
+    linears = [m for _, m in nnx.iter_graph(built) if isinstance(m, nnx.Linear)]
+    assert len(linears) >= 6 * ODD.num_hidden_layers
+    assert all(linear.dot_general is model.dense_dot_general for linear in linears)
 
 
 def test_erf_gelu_is_the_exact_gelu():
