@@ -25,9 +25,10 @@ odd shape a checkpoint brings. Design choices, and why:
 - **Cheap dropout masks.** ``Dropout`` draws four 16-bit uniforms from each Threefry block
   (``nnx.Dropout`` spends a whole block per element), with the hash unrolled so XLA fuses it into
   the ops that read the mask: on a CPU the masks cost more than the attention matmuls otherwise.
-- **Weight gradients in the cheaper order.** Every dense layer (and the tied decoder) computes
-  its kernel gradient ``x^T @ dy`` as ``(dy^T @ x)^T`` when ``x`` is the wider operand, so XLA's
-  CPU backend copies the narrower one transposed (``summed_outer_products``).
+- **Gradients in the cheaper order.** Every dense layer (and the tied decoder) computes its
+  kernel gradient ``x^T @ dy`` as ``(dy^T @ x)^T`` when ``x`` is the wider operand, so XLA's
+  CPU backend copies the narrower one transposed (``summed_outer_products``); attention's key
+  and value gradients are computed transposed (``attention_scores``, ``attention_context``).
 """
 
 import dataclasses
@@ -378,7 +379,7 @@ class SelfAttention(nnx.Module):
         query_BxNxRxD = heads_first(self.query(queried_BxRxH)) / math.sqrt(self.head_dim)
         key_BxNxSxD = heads_first(self.key(hidden_BxSxH))
         value_BxNxSxD = heads_first(self.value(hidden_BxSxH))
-        scores_BxNxRxS = jnp.einsum("bnqd,bnkd->bnqk", query_BxNxRxD, key_BxNxSxD)
+        scores_BxNxRxS = attention_scores(query_BxNxRxD, key_BxNxSxD)
         scores_BxNxRxS = jnp.where(
             key_mask_Bx1x1xS, scores_BxNxRxS.astype(jnp.float32), _MASK_VALUE
         )
@@ -386,11 +387,66 @@ class SelfAttention(nnx.Module):
         probs_BxNxRxS = self.attention_dropout(
             probs_BxNxRxS, deterministic=deterministic, rngs=rngs
         )
-        context_BxNxRxD = jnp.einsum("bnqk,bnkd->bnqd", probs_BxNxRxS, value_BxNxSxD)
+        context_BxNxRxD = attention_context(probs_BxNxRxS, value_BxNxSxD)
         context_BxRxH = context_BxNxRxD.transpose(0, 2, 1, 3).reshape(batch, rows, hidden)
         attended_BxRxH = self.output(context_BxRxH)
         attended_BxRxH = self.output_dropout(attended_BxRxH, deterministic=deterministic, rngs=rngs)
         return self.layer_norm(queried_BxRxH + attended_BxRxH)
+
+
+# The two batched matmuls of attention, with hand-written backward passes. Autodiff's gradient
+# of the keys (values) contracts the query (row) axis of both operands; XLA's CPU backend runs
+# that as [.., S, D] outputs at about 30 GFLOP/s on BERT-Mini's 128 x 128 x 64 blocks. Written as
+# ``query^T @ dscores`` = [.., D, S] and then transposed, the same products run about 1.6x
+# faster in isolation (9.2 -> 5.8 ms for batch 32, 4 heads on a 2-core CPU), 2-3% of a step.
+
+
+@jax.custom_vjp
+def attention_scores(query_BxNxRxD: jax.Array, key_BxNxSxD: jax.Array) -> jax.Array:
+    """Per-head ``query @ key^T`` [B, N, R, S]; the key gradient is computed as [.., D, S]."""
+    return jnp.einsum("bnqd,bnkd->bnqk", query_BxNxRxD, key_BxNxSxD)
+
+
+def _attention_scores_forward(
+    query_BxNxRxD: jax.Array, key_BxNxSxD: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return attention_scores(query_BxNxRxD, key_BxNxSxD), (query_BxNxRxD, key_BxNxSxD)
+
+
+def _attention_scores_backward(
+    residuals: tuple[jax.Array, jax.Array], dscores_BxNxRxS: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    query_BxNxRxD, key_BxNxSxD = residuals
+    dquery_BxNxRxD = jnp.einsum("bnqk,bnkd->bnqd", dscores_BxNxRxS, key_BxNxSxD)
+    dkey_BxNxDxS = jnp.einsum("bnqd,bnqk->bndk", query_BxNxRxD, dscores_BxNxRxS)
+    return dquery_BxNxRxD, jnp.swapaxes(dkey_BxNxDxS, 2, 3)
+
+
+attention_scores.defvjp(_attention_scores_forward, _attention_scores_backward)
+
+
+@jax.custom_vjp
+def attention_context(probs_BxNxRxS: jax.Array, value_BxNxSxD: jax.Array) -> jax.Array:
+    """Per-head ``probs @ value`` [B, N, R, D]; the value gradient is computed as [.., D, S]."""
+    return jnp.einsum("bnqk,bnkd->bnqd", probs_BxNxRxS, value_BxNxSxD)
+
+
+def _attention_context_forward(
+    probs_BxNxRxS: jax.Array, value_BxNxSxD: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return attention_context(probs_BxNxRxS, value_BxNxSxD), (probs_BxNxRxS, value_BxNxSxD)
+
+
+def _attention_context_backward(
+    residuals: tuple[jax.Array, jax.Array], dcontext_BxNxRxD: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    probs_BxNxRxS, value_BxNxSxD = residuals
+    dprobs_BxNxRxS = jnp.einsum("bnqd,bnkd->bnqk", dcontext_BxNxRxD, value_BxNxSxD)
+    dvalue_BxNxDxS = jnp.einsum("bnqd,bnqk->bndk", dcontext_BxNxRxD, probs_BxNxRxS)
+    return dprobs_BxNxRxS, jnp.swapaxes(dvalue_BxNxDxS, 2, 3)
+
+
+attention_context.defvjp(_attention_context_forward, _attention_context_backward)
 
 
 class TransformerLayer(nnx.Module):

@@ -1,5 +1,5 @@
 """The speed paths compute what the plain ones do: heads-only last layer, dropout masks, the tied
-MLM decoder's and the dense layers' backward, the erf GELU and the malloc settings."""
+MLM decoder's, the dense layers' and the attention matmuls' backward, the erf GELU and the malloc settings."""
 
 import os
 import subprocess
@@ -168,6 +168,31 @@ def test_dense_matmul_gradients_equal_autodiff_of_the_plain_formula(features):
     np.testing.assert_allclose(
         model.summed_outer_products(left, right), left.T @ right, rtol=1e-5, atol=1e-5
     )
+
+
+def test_attention_matmul_gradients_equal_autodiff_of_the_plain_formula():
+    """Scores over 5 query rows (heads-only shape) against 7 keys, then the context."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    query = jax.random.normal(keys[0], (2, 3, 5, 4))
+    key = jax.random.normal(keys[1], (2, 3, 7, 4))
+    value = jax.random.normal(keys[2], (2, 3, 7, 4))
+    weights = jax.random.normal(keys[3], (2, 3, 5, 4))
+
+    def plain(q, k, v):
+        probs = jax.nn.softmax(jnp.einsum("bnqd,bnkd->bnqk", q, k), axis=-1)
+        return jnp.sum(weights * jnp.einsum("bnqk,bnkd->bnqd", probs, v))
+
+    def fast(q, k, v):
+        probs = jax.nn.softmax(model.attention_scores(q, k), axis=-1)
+        return jnp.sum(weights * model.attention_context(probs, v))
+
+    np.testing.assert_allclose(fast(query, key, value), plain(query, key, value), rtol=1e-6)
+    for a, b in zip(
+        jax.grad(plain, argnums=(0, 1, 2))(query, key, value),
+        jax.grad(fast, argnums=(0, 1, 2))(query, key, value),
+        strict=True,
+    ):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_dot_general_passes_other_contractions_to_lax():
