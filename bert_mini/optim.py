@@ -11,7 +11,9 @@ Why it is built this way:
   ``set_to_zero``, so they get exactly zero updates, no weight decay, no Adam moments (memory),
   and do not count in the gradient norm that clipping sees.
 - **Clipping comes first** (Google's ``optimization.py`` clips the raw gradients, then Adam),
-  and with accumulation it clips the *averaged* gradient, as one big batch would.
+  and with accumulation it clips the *averaged* gradient, as one big batch would. It scales by
+  one scalar as ``tf.clip_by_global_norm`` does (``clip_by_global_norm``); optax's version
+  divides every gradient by the norm, a full extra pass over the 30522-row embedding gradient.
 - **The schedule counts optimizer updates.** Under ``grad_accum_steps = k`` the inner optimizer
   (and so the schedule) advances once every k calls; ``warmup_steps`` and ``total_steps`` are in
   updates, not micro-batches.
@@ -33,6 +35,7 @@ from flax import nnx
 
 __all__ = [
     "OPTIMIZERS",
+    "clip_by_global_norm",
     "frozen_mask",
     "learning_rate_schedule",
     "make_optimizer",
@@ -177,6 +180,23 @@ def _lamb(
     )
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale all gradients by ``max_norm / max(global_norm, max_norm)``, as TF's
+    ``tf.clip_by_global_norm`` (Google's BERT) does: one scalar, multiplied into each gradient.
+
+    Same result as ``optax.clip_by_global_norm`` up to float rounding; a scalar factor fuses into
+    the Adam update, where optax's per-element division is its own pass over every gradient.
+    """
+
+    def update_fn(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        norm = optax.global_norm(updates)
+        scale = max_norm / jnp.maximum(norm, max_norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(
     *,
     learning_rate: float,
@@ -215,9 +235,7 @@ def make_optimizer(
         )
     else:
         update_rule = _lamb(schedule, b1, b2, eps, weight_decay)
-    parts = (
-        [update_rule] if clip_norm is None else [optax.clip_by_global_norm(clip_norm), update_rule]
-    )
+    parts = [update_rule] if clip_norm is None else [clip_by_global_norm(clip_norm), update_rule]
     tx: optax.GradientTransformation = optax.chain(*parts)
 
     patterns = list(_compile_patterns(frozen))

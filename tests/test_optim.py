@@ -385,3 +385,22 @@ def test_state_is_donatable_and_round_trips_through_orbax(small_params, tmp_path
     # And the restored state keeps training.
     params, _ = train(params, restored)
     assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.999, 1.001, 1e4])
+def test_clip_by_global_norm_matches_optax_and_tf_formula(scale):
+    """TF's ``t * max_norm / max(norm, max_norm)``: optax's result within rounding, and the
+    gradients untouched (bitwise) when the norm is under the limit."""
+    params = _toy_params()
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size).reshape(p.shape), params)
+    norm = float(optax.global_norm(grads))
+    grads = jax.tree.map(lambda g: g * (scale / norm), grads)
+    ours, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    for mine, reference, raw in zip(
+        jax.tree.leaves(ours), jax.tree.leaves(theirs), jax.tree.leaves(grads), strict=True
+    ):
+        np.testing.assert_allclose(mine, reference, rtol=1e-6)
+        if scale < 1.0:
+            np.testing.assert_array_equal(mine, raw)
+    assert float(optax.global_norm(ours)) == pytest.approx(min(scale, 1.0), rel=1e-6)
