@@ -305,6 +305,40 @@ class Dropout(nnx.Module):
         )
 
 
+def sum_over_examples(values_Bx___: jax.Array) -> jax.Array:
+    """``values.sum(0)`` as a ones-vector matmul.
+
+    XLA's CPU backend hands a reduction over the leading axis to YNNPACK, which runs it up to
+    30x slower than this matmul on two threads (measured: [32, 128, 256] -> [128, 256] in
+    5.9 ms as a reduce, 0.2-0.3 ms as a matmul; likewise the [N, V] logit gradient's column
+    sums). The sum is the same up to float rounding.
+    """
+    ones_B = jnp.ones(values_Bx___.shape[:1], values_Bx___.dtype)
+    return jnp.einsum("b,b...->...", ones_B, values_Bx___)
+
+
+@jax.custom_vjp
+def add_to_every_example(batch_BxSxH: jax.Array, shared_SxH: jax.Array) -> jax.Array:
+    """``batch + shared[None]``, as for position embeddings; gradient via ``sum_over_examples``."""
+    return batch_BxSxH + shared_SxH[None]
+
+
+def _add_to_every_example_forward(
+    batch_BxSxH: jax.Array, shared_SxH: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    # The residual is a zero-size array that only carries the dtype of ``shared``.
+    return add_to_every_example(batch_BxSxH, shared_SxH), jnp.zeros((0,), shared_SxH.dtype)
+
+
+def _add_to_every_example_backward(
+    shared_dtype_0: jax.Array, doutputs_BxSxH: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    return doutputs_BxSxH, sum_over_examples(doutputs_BxSxH).astype(shared_dtype_0.dtype)
+
+
+add_to_every_example.defvjp(_add_to_every_example_forward, _add_to_every_example_backward)
+
+
 class Embeddings(nnx.Module):
     """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
@@ -329,11 +363,9 @@ class Embeddings(nnx.Module):
                 f"input length {seq_len} exceeds max_position_embeddings {self.max_positions}"
             )
         positions_S = jnp.arange(seq_len)
-        embedded_BxSxH = (
-            self.word_embeddings(input_ids_BxS)
-            + self.position_embeddings(positions_S)[None]
-            + self.token_type_embeddings(token_type_ids_BxS)
-        )
+        embedded_BxSxH = add_to_every_example(
+            self.word_embeddings(input_ids_BxS), self.position_embeddings(positions_S)
+        ) + self.token_type_embeddings(token_type_ids_BxS)
         embedded_BxSxH = self.layer_norm(embedded_BxSxH)
         return self.dropout(embedded_BxSxH, deterministic=deterministic, rngs=rngs)
 
@@ -597,9 +629,7 @@ def _tied_decoder_backward(
     dlogits_in_dtype = dlogits_NxV.astype(hidden_NxH.dtype)
     dhidden_NxH = dlogits_in_dtype @ embedding_VxH
     dembedding_VxH = summed_outer_products(dlogits_in_dtype, hidden_NxH)
-    ones_1xN = jnp.ones((1, dlogits_NxV.shape[0]), dlogits_NxV.dtype)
-    dbias_V = (ones_1xN @ dlogits_NxV)[0]
-    return dhidden_NxH, dembedding_VxH.astype(embedding_VxH.dtype), dbias_V
+    return dhidden_NxH, dembedding_VxH.astype(embedding_VxH.dtype), sum_over_examples(dlogits_NxV)
 
 
 tied_decoder.defvjp(_tied_decoder_forward, _tied_decoder_backward)

@@ -1,5 +1,6 @@
-"""The speed paths compute what the plain ones do: heads-only last layer, dropout masks, the tied
-MLM decoder's, the dense layers' and the attention matmuls' backward, the erf GELU and the malloc settings."""
+"""The speed paths compute what the plain ones do: heads-only last layer, dropout masks, the
+backward of the tied MLM decoder, the dense layers, the attention matmuls and the position-embedding
+add, the erf GELU and the malloc settings."""
 
 import os
 import subprocess
@@ -193,6 +194,41 @@ def test_attention_matmul_gradients_equal_autodiff_of_the_plain_formula():
         strict=True,
     ):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_add_to_every_example_gradients_equal_autodiff_of_the_plain_formula(dtype):
+    """The position-embedding add: the shared rows' gradient is the sum over the batch."""
+    keys = jax.random.split(jax.random.key(4), 3)
+    batch = jax.random.normal(keys[0], (5, 7, 6), dtype)
+    shared = jax.random.normal(keys[1], (7, 6), dtype)
+    weights = jax.random.normal(keys[2], (5, 7, 6), dtype)
+
+    def loss(add, b, s):
+        return jnp.sum((weights * add(b, s)).astype(jnp.float32))
+
+    plain_value, plain_grads = jax.value_and_grad(loss, argnums=(1, 2))(
+        lambda b, s: b + s[None], batch, shared
+    )
+    fast_value, fast_grads = jax.value_and_grad(loss, argnums=(1, 2))(
+        model.add_to_every_example, batch, shared
+    )
+    assert fast_value == plain_value
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
+        assert fast_grad.dtype == plain_grad.dtype == dtype
+        plain_f32 = np.asarray(plain_grad, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(fast_grad, np.float32),
+            plain_f32,
+            atol=tolerance * np.abs(plain_f32).max(),  # summation order differs in bf16
+        )
+    np.testing.assert_allclose(
+        model.sum_over_examples(weights.astype(jnp.float32)),
+        np.asarray(weights, np.float32).sum(0),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_dense_dot_general_passes_other_contractions_to_lax():
