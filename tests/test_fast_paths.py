@@ -84,14 +84,16 @@ def test_dropout_mask_rate_scale_and_independence():
     keep = np.asarray(model.dropout_keep_mask(jax.random.key(7), shape, rate))
     keep_prob = 1 - round(rate * 2**16) / 2**16
     assert abs(keep.mean() - keep_prob) < 5 * np.sqrt(keep_prob * (1 - keep_prob) / keep.size)
-    # The four 16-bit uniforms of one Threefry block feed elements j, j+n/4, j+n/2, j+3n/4:
-    # pairs of them are dropped together as often as independent draws would be.
-    quarters = keep.reshape(-1, 4, 32)
-    for a, b in ((0, 1), (0, 2), (1, 3), (2, 3)):
-        both_dropped = np.mean(~quarters[:, a] & ~quarters[:, b])
+    # The four 16-bit uniforms of one Threefry block feed four neighbouring elements: pairs of
+    # them are dropped together as often as independent draws would be.
+    blocks = keep.reshape(-1, 4)
+    for a, b in ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)):
+        both_dropped = np.mean(~blocks[:, a] & ~blocks[:, b])
         assert abs(both_dropped - (1 - keep_prob) ** 2) < 0.002
-    # Neighbouring elements in a row come from different blocks: also independent.
-    assert abs(np.mean(~keep[..., :-1] & ~keep[..., 1:]) - (1 - keep_prob) ** 2) < 0.002
+    # Neighbours across blocks, and across the 32-bit words the bits are packed in: independent.
+    for offset in (4, 32):
+        both_dropped = np.mean(~keep[..., :-offset] & ~keep[..., offset:])
+        assert abs(both_dropped - (1 - keep_prob) ** 2) < 0.002
     assert not np.array_equal(
         keep, np.asarray(model.dropout_keep_mask(jax.random.key(8), shape, rate))
     )
@@ -310,3 +312,45 @@ def test_unrolled_threefry_is_bitwise_jax_threefry():
     got = jax.jit(model.threefry2x32)(words[0], words[1], *counts)
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_dropout_mask_is_the_documented_threefry_bits():
+    """Element e of row r is uniform e % 4 of Threefry block (r * words_per_row * 8 + e // 4)."""
+    from jax.extend import random as jax_random
+
+    key = jax.random.key(99)
+    shape, rate = (3, 5, 37), 0.3  # 37: the last word of a row is part-used
+    threshold = round(rate * 2**16)
+    blocks_per_row = 8 * -(-shape[-1] // 32)
+    rows = np.arange(np.prod(shape[:-1]))[:, None]
+    block = rows * blocks_per_row + np.arange(shape[-1])[None, :] // 4
+    words = jax.random.key_data(key)
+    flat = jnp.asarray(block.reshape(-1), jnp.uint32)
+    high, low = jax_random.threefry2x32_p.bind(
+        jnp.broadcast_to(words[0], flat.shape),
+        jnp.broadcast_to(words[1], flat.shape),
+        jnp.zeros_like(flat),
+        flat,
+    )
+    high, low = np.asarray(high), np.asarray(low)
+    uniforms = np.stack([high & 0xFFFF, high >> 16, low & 0xFFFF, low >> 16])
+    quarter = (np.arange(shape[-1]) % 4)[None, :].repeat(len(rows), 0).reshape(-1)
+    expected = uniforms[quarter, np.arange(flat.size)] >= threshold
+    got = jax.jit(lambda k: model.dropout_keep_mask(k, shape, rate))(key)
+    np.testing.assert_array_equal(np.asarray(got), expected.reshape(shape))
+
+
+def test_dropout_hashes_once_per_mask_in_forward_and_backward():
+    """The packed mask is computed in one fused pass; the three ops that read it only unpack."""
+    layer = model.Dropout(0.1)
+    weights = jnp.ones((64, 16))
+
+    def loss(inputs: jax.Array) -> jax.Array:
+        dropped = layer(inputs, deterministic=False, rngs=nnx.Rngs(dropout=0))
+        return jnp.sum(jnp.tanh(dropped @ weights)) + jnp.sum(dropped.T @ dropped)
+
+    compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((128, 64))).compile().as_text()
+    # Each Threefry round rotates with a left shift: 20 of them in every computation that hashes.
+    computations = compiled.split("\n\n")
+    hashing = [c for c in computations if c.count("shift-left(") >= 20]
+    assert len(hashing) == 1, f"{len(hashing)} computations hash the dropout bits"
