@@ -333,9 +333,8 @@ class Dropout(nnx.Module):
         if keep_prob == 0.0:
             return jnp.zeros_like(inputs)
         keep = dropout_keep_mask(rngs.dropout(), inputs.shape, self.rate)
-        return jnp.where(keep, inputs / jnp.asarray(keep_prob, inputs.dtype), 0).astype(
-            inputs.dtype
-        )
+        scale = jnp.asarray(1.0 / keep_prob, inputs.dtype)  # a multiply, as PyTorch's dropout
+        return jnp.where(keep, inputs * scale, 0).astype(inputs.dtype)
 
 
 def sum_over_examples(values_Bx___: jax.Array) -> jax.Array:
@@ -395,9 +394,14 @@ class Embeddings(nnx.Module):
             raise ValueError(
                 f"input length {seq_len} exceeds max_position_embeddings {self.max_positions}"
             )
-        positions_S = jnp.arange(seq_len)
+        # Positions 0..S-1 are a slice of the table: its gradient is a pad, not a scatter.
+        positions = self.position_embeddings
+        (table_PxH,) = positions.promote_dtype(
+            (positions.embedding[...],), dtype=positions.dtype, inexact=False
+        )
+        positions_SxH = table_PxH[:seq_len]
         embedded_BxSxH = add_to_every_example(
-            self.word_embeddings(input_ids_BxS), self.position_embeddings(positions_S)
+            self.word_embeddings(input_ids_BxS), positions_SxH
         ) + self.token_type_embeddings(token_type_ids_BxS)
         embedded_BxSxH = self.layer_norm(embedded_BxSxH)
         return self.dropout(embedded_BxSxH, deterministic=deterministic, rngs=rngs)
