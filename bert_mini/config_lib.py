@@ -306,6 +306,7 @@ def _pd_runlocal(config: ml_collections.ConfigDict, student_given: bool) -> None
     pretrain.data.max_eval_examples = 128
     pretrain.data.max_predictions_per_seq = 10
     pretrain.train.learning_rate = 5e-4
+    config.stage_teacher.data.max_examples = 512
     config.stage_teacher.train.learning_rate = 5e-5
     config.stage_distill.data.max_examples = 512
     config.stage_distill.train.learning_rate = 5e-4

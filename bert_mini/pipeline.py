@@ -349,7 +349,7 @@ def dev_metrics(config: ConfigDict, checkpoint: str | os.PathLike, task: TaskInf
     if task.head == "span":  # SQuAD EM/F1 (fractions) of the decoded answer texts
         batch_size = config.pipeline.predict_batch_size
         return squad_inputs.dev_predictions(config, model, tokenizer, batch_size).metrics
-    arrays, _ = _glue_arrays(config, tokenizer, "validation", config.pipeline.max_seq_length)
+    arrays = _glue_arrays(config, tokenizer, "validation", config.pipeline.max_seq_length)
     logits_NxC = predict_logits(model, arrays, config.pipeline.predict_batch_size)
     return metrics.glue_metrics(task.name, logits_NxC, arrays["label"])
 
@@ -359,7 +359,7 @@ def write_test_predictions(
 ) -> pathlib.Path:
     """GLUE's submission file (``index\\tprediction``) for the task's test split."""
     model, tokenizer = _load_classifier(checkpoint, task)
-    arrays, _ = _glue_arrays(config, tokenizer, "test", config.pipeline.max_seq_length)
+    arrays = _glue_arrays(config, tokenizer, "test", config.pipeline.max_seq_length)
     logits_NxC = predict_logits(model, arrays, config.pipeline.predict_batch_size)
     order = np.argsort(arrays["idx"], kind="stable")
     lines = ["index\tprediction"]

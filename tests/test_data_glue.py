@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from ml_collections import ConfigDict
 
 from bert_mini.data.glue import (
     GLUE_TASKS,
@@ -21,6 +22,7 @@ from bert_mini.data.glue import (
     read_glue_rows,
 )
 from bert_mini.data.sources import DataError, prepare
+from bert_mini.inputs import glue_arrays
 from bert_mini.tokenization import BertTokenizer
 
 # ----------------------------------------------------------------------------- helpers
@@ -343,3 +345,29 @@ def test_encode_stsb_keeps_float_scores(load, tokenizer):
     assert features["label"].dtype == np.float32
     np.testing.assert_array_equal(features["label"], dev["label"][:5])
     assert_bert_layout(features, tokenizer, pair=True)
+
+
+def test_glue_arrays_with_max_examples_encode_the_first_rows_of_the_split(
+    data_dir, tfds_dir, tokenizer
+):
+    """The training loop's reader: batched, and ``max_examples`` reads the first rows only."""
+    config = ConfigDict(
+        {"data": {"task": "mrpc", "data_dir": str(data_dir), "tfds_dir": str(tfds_dir)}}
+    )
+    config.data.max_seq_length = 48
+    whole = glue_arrays(config, tokenizer, "train")
+    first = glue_arrays(config, tokenizer, "train", max_examples=100)
+    assert whole["input_ids"].shape == (3668, 48) and first["input_ids"].shape == (100, 48)
+    rows = load_glue("mrpc", "train", source_dir=data_dir / "glue", tfds_dir=tfds_dir)
+    rows = list(rows.take(100).as_numpy_iterator())  # one at a time, in TFDS's stored order
+    direct = tokenizer(
+        [r["sentence1"].decode() for r in rows],
+        [r["sentence2"].decode() for r in rows],
+        max_length=48,
+    )
+    np.testing.assert_array_equal(first["idx"], [r["idx"] for r in rows])
+    np.testing.assert_array_equal(first["label"], [r["label"] for r in rows])
+    for key, value in direct.items():
+        np.testing.assert_array_equal(first[key], value, err_msg=key)
+    for key, value in first.items():
+        np.testing.assert_array_equal(whole[key][:100], value, err_msg=key)
