@@ -53,7 +53,7 @@ class Inputs:
     train: TrainStream
     eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None
     num_train_examples: int
-    eval_examples: list[dict[str, Any]] | None = None  # raw dev rows, for host-side metrics
+    eval_examples: list[dict[str, Any]] | None = None  # SQuAD: raw dev rows, for host-side EM/F1
     # Span tasks (SQuAD): the eval windows' start/end logits [N, S], in order -> EM/F1.
     score_spans: Callable[[np.ndarray, np.ndarray], dict[str, float]] | None = None
 
