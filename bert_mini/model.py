@@ -28,8 +28,9 @@ odd shape a checkpoint brings. Design choices, and why:
   mask, forward and backward, unpacks its bit instead of re-hashing: 6% of a BERT-Mini
   fine-tuning step on a 2-core CPU.
 - **Gradients in the cheaper order.** Every dense layer (and the tied decoder) computes its
-  kernel gradient ``x^T @ dy`` as ``(dy^T @ x)^T`` when ``x`` is the wider operand, so XLA's
-  CPU backend copies the narrower one transposed (``summed_outer_products``); attention's key
+  kernel gradient ``x^T @ dy`` as ``(dy^T @ x)^T`` when ``x`` is the wider operand, with the
+  narrower one copied transposed and both transposes fenced off from the matmul on a CPU, so
+  YNNPACK rather than Eigen runs it (``summed_outer_products``); attention's key
   and value gradients are computed transposed (``attention_scores``, ``attention_context``);
   sums over the batch (position-embedding and MLM-bias gradients) are ones-vector matmuls
   (``sum_over_examples``).
