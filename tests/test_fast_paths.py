@@ -178,12 +178,15 @@ def test_summed_outer_products_fences_its_transposes_on_cpu(wider, barriers):
     """With the wider operand on the left, the CPU form copies ``right`` transposed and keeps
     both transposes out of the matmul (two ``optimization_barrier``s), so YNNPACK rather than
     Eigen runs it; the other order needs no copy."""
-    left = jnp.ones((64, 48 if wider == "left" else 16))
-    right = jnp.ones((64, 16 if wider == "left" else 48))
+    keys = jax.random.split(jax.random.key(9))
+    left = jax.random.normal(keys[0], (64, 48 if wider == "left" else 16))
+    right = jax.random.normal(keys[1], (64, 16 if wider == "left" else 48))
     lowered = jax.jit(model.summed_outer_products).lower(left, right).as_text()
     assert jax.default_backend() == "cpu"
     assert lowered.count("optimization_barrier") == barriers
-    np.testing.assert_allclose(model.summed_outer_products(left, right), left.T @ right)
+    np.testing.assert_allclose(
+        jax.jit(model.summed_outer_products)(left, right), left.T @ right, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_attention_matmul_gradients_equal_autodiff_of_the_plain_formula():
