@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.mode = "finetune"  # pretrain | finetune | distill
     config.workdir = ""  # set by main.py from --workdir
     config.seed = 0
+    # JAX's persistent compilation cache (bert_mini/compile_cache.py), so a restarted run skips
+    # compiling: "" = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/compile_cache; "off" = none.
+    config.compile_cache_dir = ""
 
     config.model = ml_collections.ConfigDict()
     config.model.variant = "mini"  # a size-table name; ignored when init_checkpoint has a config

@@ -9,8 +9,8 @@ stays the last good one.
 
 Outputs in the workdir: ``checkpoints/`` (Orbax), ``metrics.jsonl``, TensorBoard events in
 ``tensorboard/``, ``best/`` (the best dev model, loadable by ``bert_mini.from_pretrained``),
-``final/`` (the model after the last step) and ``results.json`` (final and best dev metrics,
-timings, the config).
+``final/`` (the model after the last step), ``results.json`` (final and best dev metrics,
+timings, the config) and ``compile_cache/`` (compiled steps for a restart; ``compile_cache.py``).
 """
 
 import dataclasses
@@ -32,7 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from bert_mini import checkpoints, downloads, inputs, metrics, optim, sharding, steps
+from bert_mini import checkpoints, compile_cache, downloads, inputs, metrics, optim, sharding, steps
 from bert_mini import teacher_logits as logits_cache
 from bert_mini.data.pipeline import HostShard, StreamPosition
 from bert_mini.model import HEAD_CHOICES, BertConfig, BertModel, create_model
@@ -224,8 +224,17 @@ def _main_metric(config: ConfigDict, kind: str) -> str:
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Runs ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns results."""
+    """Runs ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns results.
+
+    Compiled steps go to the persistent cache that ``config.compile_cache_dir`` names, so a
+    restart loads them instead of compiling again.
+    """
     workdir = pathlib.Path(workdir)
+    with compile_cache.persistent_cache(compile_cache.cache_dir(config.compile_cache_dir, workdir)):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
     started = time.time()
     mesh = sharding.make_mesh(
         {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor}

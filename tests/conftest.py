@@ -20,6 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests never download: a missing GLUE file or release name must fail fast here, even on a CI
 # machine with internet (tests that exercise downloads serve files from localhost and reset it).
 os.environ.setdefault("BERT_MINI_OFFLINE", "1")
+# Runs cache their compiled steps in their own workdir (tests/test_compile_cache.py), never in a
+# user-wide cache that would make one test run depend on an earlier one.
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import pathlib  # noqa: E402
 

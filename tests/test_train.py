@@ -67,6 +67,7 @@ def _main(workdir: pathlib.Path, data_dir: pathlib.Path, extra_env=None, extra_a
         **os.environ,
         "XLA_FLAGS": os.environ["XLA_FLAGS"],  # 8 devices (conftest)
         "BERT_MINI_DATA": str(data_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # cache even fast compiles
         **(extra_env or {}),
     }
     command = [
@@ -108,6 +109,9 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_exact(tmp_path, data_d
     finished = [p.name for p in (crashed / "checkpoints").iterdir() if p.name.isdigit()]
     assert "4" not in finished, "the kill must land while step 4's checkpoint is being written"
     assert not (crashed / "results.json").exists()
+
+    cached = {entry.name.split("-")[0] for entry in (crashed / "compile_cache").glob("*-cache")}
+    assert "jit_finetune_step" in cached, cached  # the restart loads the killed run's executable
 
     resumed = _main(crashed, data_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
