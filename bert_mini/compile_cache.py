@@ -7,9 +7,9 @@ executables the first one compiled; they are the same programs, so the resumed r
 bitwise equal to an uninterrupted one (``tests/test_train.py`` checks this through a SIGKILL).
 
 JAX writes an entry for each program whose compilation took at least
-``jax_persistent_cache_min_compile_time_secs`` (1 s by default), and only from process 0. JAX
-writes an entry in place, so a kill in the middle leaves it cut short; JAX would then warn and
-compile again on every restart, never replacing it. ``drop_unreadable_entries`` deletes such
+``jax_persistent_cache_min_compile_time_secs`` (1 s by default), only from process 0, and in
+place: a kill in the middle leaves the entry cut short, and JAX would then warn and compile again
+on every restart, never replacing it. ``drop_unreadable_entries`` deletes such
 entries when a run starts, so the next compile writes a good one. The cache is trusted code: keep
 it out of directories that others can write to.
 """
