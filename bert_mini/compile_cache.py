@@ -81,10 +81,10 @@ def persistent_cache(directory: pathlib.Path | None) -> Iterator[None]:
     experiments in one process never reads one run's cache in another by accident.
     """
     previous = jax.config.jax_compilation_cache_dir
-    if directory is not None and directory.is_dir() and jax.process_index() == 0:
-        drop_unreadable_entries(directory)
     if directory is not None:
-        entries = len(list(directory.glob(ENTRY_GLOB))) if directory.is_dir() else 0
+        if directory.is_dir() and jax.process_index() == 0:
+            drop_unreadable_entries(directory)
+        entries = len(list(directory.glob(ENTRY_GLOB)))  # none when the folder is not there yet
         _log.info("compilation cache: %s (%d entries)", directory, entries)
     _point_jax_at(str(directory) if directory is not None else None)
     try:

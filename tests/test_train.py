@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import bert_mini
-from bert_mini import train
+from bert_mini import compile_cache, train
 from bert_mini.paths import REPO_ROOT
 from bert_mini.train_checkpoints import ModelMismatchError
 
@@ -110,7 +110,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_exact(tmp_path, data_d
     assert "4" not in finished, "the kill must land while step 4's checkpoint is being written"
     assert not (crashed / "results.json").exists()
 
-    cached = {entry.name.split("-")[0] for entry in (crashed / "compile_cache").glob("*-cache")}
+    entries = (crashed / "compile_cache").glob(compile_cache.ENTRY_GLOB)
+    cached = {entry.name.split("-")[0] for entry in entries}
     assert "jit_finetune_step" in cached, cached  # the restart loads the killed run's executable
 
     resumed = _main(crashed, data_dir)
